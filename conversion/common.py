@@ -1,0 +1,120 @@
+"""Shared by every converter: strict loading of stock checkpoints, literal weight copies, fidelity probes."""
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Buffers that old GPT-2 checkpoints carry and transformers 5 no longer uses (the causal mask is built on the fly).
+GPT2_LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def _load_strict(model_class, name_or_path, expected_model_types, what, **kwargs):
+    """from_pretrained with every missing, unexpected or mismatched key turned into an error that names it."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"cannot read a config from {name_or_path!r}: {err}") from err
+    if config.model_type not in expected_model_types:
+        raise ConversionError(
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint; {what} needs one of {sorted(expected_model_types)}"
+        )
+    model, info = model_class.from_pretrained(
+        name_or_path, config=config, output_loading_info=True, dtype=torch.float32, **kwargs
+    )
+    unexpected = [k for k in info["unexpected_keys"] if not k.endswith(GPT2_LEGACY_BUFFERS)]
+    problems = {
+        "missing": list(info["missing_keys"]),
+        "unexpected": unexpected,
+        "mismatched shapes": [str(m) for m in info.get("mismatched_keys", [])],
+    }
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        details = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in problems.items())
+        raise ConversionError(f"{name_or_path!r} does not match {model_class.__name__}: {details}")
+    return model.eval()
+
+
+def load_stock_gpt2(name_or_path, **kwargs):
+    """A stock GPT2LMHeadModel in float32, or a ConversionError naming what does not fit."""
+    from transformers import GPT2LMHeadModel
+
+    return _load_strict(GPT2LMHeadModel, name_or_path, {"gpt2"}, "a GPT-2 (GPT2LMHeadModel) checkpoint", **kwargs)
+
+
+def load_stock_bert(name_or_path, **kwargs):
+    """A stock BertModel in float32 (BERT-family checkpoints), or a ConversionError naming what does not fit."""
+    from transformers import BertModel
+
+    return _load_strict(BertModel, name_or_path, {"bert"}, "a BERT-family encoder", **kwargs)
+
+
+def copy_weights(target, source_state, key_map, new_keys):
+    """Copy `source_state` into `target` through a literal key map, failing loudly on anything unaccounted for.
+
+    key_map: {target key: source key}; every source key must be mapped, every target key must be either mapped
+    or listed in `new_keys` (modules the architecture adds, initialised by the model's own _init_weights).
+    """
+    target_state = target.state_dict()
+    unmapped_source = sorted(set(source_state) - set(key_map.values()))
+    unknown_target = sorted(set(key_map) - set(target_state))
+    uncovered_target = sorted(set(target_state) - set(key_map) - set(new_keys))
+    missing_source = sorted(v for v in key_map.values() if v not in source_state)
+    problems = {
+        "source keys with no target": unmapped_source,
+        "mapped target keys the model does not have": unknown_target,
+        "target keys neither mapped nor new": uncovered_target,
+        "mapped source keys absent from the checkpoint": missing_source,
+    }
+    shape_errors = [
+        f"{t} {tuple(target_state[t].shape)} <- {s} {tuple(source_state[s].shape)}"
+        for t, s in key_map.items()
+        if t in target_state and s in source_state and target_state[t].shape != source_state[s].shape
+    ]
+    problems["shape mismatches"] = shape_errors
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        raise ConversionError("; ".join(f"{k}: {', '.join(v)}" for k, v in problems.items()))
+    with torch.no_grad():
+        for t, s in key_map.items():
+            target_state[t].copy_(source_state[s])
+
+
+def probe_batch(vocab_size, seq_len=16, batch_size=2, seed=0, pad_id=0):
+    """A fixed, left-padded probe batch: the second row has its first quarter padded."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if batch_size > 1:
+        attention_mask[1:, : seq_len // 4] = 0
+        input_ids[1:, : seq_len // 4] = pad_id
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def max_logit_delta(model_a, model_b, input_ids, attention_mask, **forward_kwargs):
+    """max |logits_a - logits_b| over real (non-padded) positions."""
+    a = model_a(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
+    b = model_b(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
+    real = attention_mask.bool()
+    return (a[real] - b[real]).abs().max().item()
+
+
+def load_tokenizer(name_or_path, required=True):
+    """The tokenizer saved with a checkpoint; an error (or None when not `required`) if there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError) as err:
+        if required:
+            raise ConversionError(f"no tokenizer could be loaded from {name_or_path!r}: {err}") from err
+        logger.warning("no tokenizer found at %s; the export will carry none", name_or_path)
+        return None

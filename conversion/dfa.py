@@ -1,0 +1,131 @@
+"""Convert a stock GPT-2 (GPT2LMHeadModel) checkpoint into GPT2-DFA.
+
+Every GPT-2 weight is copied under its own name; the only new parameters are, per layer, the head-gate
+projection `attn.c_gate` and the mask logits `attn.{q,k,v}_mask`, plus `transformer.log_entropy_weight`.
+They start as the identity (zero gate logits -> g = 1, zero mask logits -> mask = 1), so the converted
+model computes what GPT-2 computed.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+from ..configuration.configuration_dfa import DFAConfig
+from ..modeling.modeling_dfa import DFAForCausalLM
+from .common import ConversionError, copy_weights, load_stock_gpt2, max_logit_delta, probe_batch
+
+logger = logging.getLogger(__name__)
+
+OPTIONS = {
+    "gate_mode": "token",
+    "target_entropy_ratio": 0.9,
+    "entropy_weight_init": 0.01,
+    "mask_sparsity_weight": 0.0,
+    "mask_threshold": 0.1,
+}
+NEW_MODULES = {
+    "transformer.h.*.attn.c_gate": "head-gate logits W_g h + b, zero-initialised: uniform gates, g = H * 1/H = 1",
+    "transformer.h.*.attn.{q,k,v}_mask": "head-dimension mask logits, zero-initialised: mask = 2 * sigmoid(0) = 1",
+    "transformer.log_entropy_weight": "log of the gate-entropy weight lambda, initialised to log(entropy_weight_init)",
+}
+_NEW_SUFFIXES = (".attn.c_gate.weight", ".attn.c_gate.bias", ".attn.q_mask", ".attn.k_mask", ".attn.v_mask")
+# GPT2Config fields that are bookkeeping rather than architecture.
+_META_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")
+
+
+@dataclass
+class ConversionReport:
+    base: str
+    options: dict
+    max_abs_logit_delta: float
+    num_parameters: int
+    new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
+
+
+def dfa_config_from_gpt2(gpt2_config, **options):
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown DFA option(s): {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+    fields = {k: v for k, v in gpt2_config.to_dict().items() if k not in _META_KEYS}
+    return DFAConfig(**fields, **{**OPTIONS, **options})
+
+
+def convert_gpt2_to_dfa(base, **options):
+    """Load a stock GPT-2 checkpoint (local path or Hub id) and return (DFAForCausalLM, ConversionReport).
+
+    Raises ConversionError when `base` is not a GPT-2 checkpoint or its weights do not match GPT-2's
+    layout, and TypeError on an unknown option.
+    """
+    config_options = dict(options)
+    unknown = sorted(set(config_options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown DFA option(s): {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+    stock = load_stock_gpt2(base)
+    config = dfa_config_from_gpt2(stock.config, **config_options)
+    config._attn_implementation = stock.config._attn_implementation
+    model = DFAForCausalLM(config)
+    source = stock.state_dict()
+    new_keys = [k for k in model.state_dict() if k.endswith(_NEW_SUFFIXES) or k == "transformer.log_entropy_weight"]
+    copy_weights(model, source, {key: key for key in source}, new_keys)
+    model.generation_config = stock.generation_config
+    model.eval()
+
+    input_ids, attention_mask = probe_batch(config.vocab_size, seq_len=min(32, config.n_positions))
+    delta = max_logit_delta(model, stock, input_ids, attention_mask)
+    logger.info("converted %s to GPT2-DFA: max |delta logits| vs stock GPT-2 = %.3g", base, delta)
+    report = ConversionReport(str(base), {**OPTIONS, **config_options}, delta, model.num_parameters())
+    return model, report
+
+
+def model_card(report, repo_id):
+    options = "\n".join(f"| `{k}` | `{v}` |" for k, v in report.options.items())
+    new_modules = "\n".join(f"- `{k}`: {v}" for k, v in report.new_modules.items())
+    metadata = {
+        "library_name": "transformers",
+        "base_model": report.base,
+        "license": "mit",
+        "pipeline_tag": "text-generation",
+        "tags": ["graftlm", "gpt2-dfa", "gpt2", "custom_code"],
+    }
+    fields = {
+        "base": report.base,
+        "options": options,
+        "fidelity": f"{report.max_abs_logit_delta:.3g}",
+        "num_parameters": f"{report.num_parameters:,}",
+        "new_modules": new_modules,
+        "repo_id": repo_id,
+    }
+    return "dfa", metadata, fields
+
+
+def add_arguments(parser):
+    parser.add_argument("--base", required=True, help="stock GPT-2 checkpoint: local folder or Hub id (e.g. gpt2)")
+    parser.add_argument("--gate-mode", choices=["token", "sequence"], default=OPTIONS["gate_mode"],
+                        help="head gates per token, or once per sequence from its first token (default: token)")
+    parser.add_argument("--target-entropy-ratio", type=float, default=OPTIONS["target_entropy_ratio"],
+                        help="target gate entropy as a fraction of ln(n_head) (default: 0.9)")
+    parser.add_argument("--entropy-weight-init", type=float, default=OPTIONS["entropy_weight_init"],
+                        help="initial entropy weight lambda (default: 0.01)")
+    parser.add_argument("--mask-sparsity-weight", type=float, default=OPTIONS["mask_sparsity_weight"],
+                        help="weight of the L1 term on head-dimension masks (default: 0)")
+    parser.add_argument("--mask-threshold", type=float, default=OPTIONS["mask_threshold"],
+                        help="mask value under which a dimension counts as closed (default: 0.1)")
+
+
+def convert_from_args(args):
+    """CLI entry: returns (model, tokenizers, card builder) for the shared export step."""
+    from .common import load_tokenizer
+
+    tokenizer = load_tokenizer(args.base)
+    model, report = convert_gpt2_to_dfa(
+        args.base,
+        gate_mode=args.gate_mode,
+        target_entropy_ratio=args.target_entropy_ratio,
+        entropy_weight_init=args.entropy_weight_init,
+        mask_sparsity_weight=args.mask_sparsity_weight,
+        mask_threshold=args.mask_threshold,
+    )
+    print(f"fidelity: max |logits(GPT2-DFA) - logits(GPT-2)| = {report.max_abs_logit_delta:.3g} on the probe batch")
+    return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id)
+
+
+__all__ = ["ConversionError", "convert_gpt2_to_dfa", "dfa_config_from_gpt2"]

@@ -1,0 +1,171 @@
+"""`graftlm` command line: convert, generate, eval, analyze, demo, train, chat.
+
+Each architecture's converter module provides add_arguments(parser) and convert_from_args(args) ->
+(model, {subfolder: tokenizer}, card_builder(repo_id)); this file adds the shared export options and
+runs the shared export (and upload) for all of them.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+# `graftlm convert <name>`: one converter module per architecture.
+CONVERTERS = {
+    "dfa": "graftlm.conversion.dfa",
+}
+# `graftlm train <name>`: modules providing add_arguments(parser) and main(args).
+TRAINERS = {}
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a misspelt or shortened flag is an error, not a guess
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _add_export_arguments(parser):
+    group = parser.add_argument_group("export")
+    group.add_argument("--output-dir", required=True, help="folder to write the Hub-ready export into")
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    group.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the export to this Hub repo")
+    group.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    group.add_argument("--token", help="Hub token (default: the cached login or HF_TOKEN)")
+    group.add_argument("--commit-message", help="commit message of the upload")
+
+
+def run_convert(args):
+    from .export import check_output_dir, export_model, push_to_hub
+
+    check_output_dir(args.output_dir, args.overwrite)  # fail before converting anything
+    converter = importlib.import_module(CONVERTERS[args.arch])
+    model, tokenizers, card_builder = converter.convert_from_args(args)
+    repo_id = args.push_to_hub or str(args.output_dir)
+    folder = export_model(
+        model, args.output_dir, tokenizers=tokenizers, card=card_builder(repo_id), overwrite=args.overwrite
+    )
+    print(f"exported to {folder}")
+    if args.push_to_hub:
+        push_to_hub(folder, args.push_to_hub, private=args.private, token=args.token, commit_message=args.commit_message)
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
+
+
+def run_generate(args):
+    from .inference import generate_text
+
+    for text in generate_text(
+        args.model,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
+    ):
+        print(text)
+
+
+def run_eval(args):
+    import json
+
+    from .evaluation import evaluate_perplexity
+
+    result = evaluate_perplexity(
+        args.model, args.text, max_length=args.max_length, stride=args.stride, trust_remote_code=args.trust_remote_code
+    )
+    print(json.dumps(result, indent=2))
+
+
+def run_analyze(args):
+    from .analyze import analyze
+
+    paths = analyze(args.model, args.text, args.output_dir, max_length=args.max_length)
+    for path in paths:
+        print(path)
+
+
+def run_demo(args):
+    from .demo import run_demo as demo
+
+    demo(base=args.base, output_dir=args.output_dir, train_steps=args.train_steps, seed=args.seed)
+
+
+def build_parser():
+    parser = _Parser(prog="graftlm", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    convert = commands.add_parser("convert", help="convert stock checkpoints into a GraftLM architecture and export")
+    archs = convert.add_subparsers(dest="arch", required=True, parser_class=_Parser)
+    for name, module_name in CONVERTERS.items():
+        module = importlib.import_module(module_name)
+        sub = archs.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(sub)
+        _add_export_arguments(sub)
+        sub.set_defaults(func=run_convert)
+
+    generate = commands.add_parser("generate", help="generate text with a converted or exported model")
+    generate.add_argument("model", help="model folder or Hub id")
+    generate.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
+    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--trust-remote-code", action="store_true",
+                          help="load through the folder's own code instead of the installed graftlm classes")
+    generate.set_defaults(func=run_generate)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a causal LM on a text file")
+    evaluate.add_argument("model", help="model folder or Hub id (any causal LM, stock GPT-2 included)")
+    evaluate.add_argument("--text", required=True, help="UTF-8 text file")
+    evaluate.add_argument("--max-length", type=int, default=None, help="window length (default: n_positions)")
+    evaluate.add_argument("--stride", type=int, default=None, help="window stride (default: max-length)")
+    evaluate.add_argument("--trust-remote-code", action="store_true")
+    evaluate.set_defaults(func=run_eval)
+
+    analyze = commands.add_parser("analyze", help="GPT2-DFA head usage, active dimensions and attention FLOPs")
+    analyze.add_argument("model", help="GPT2-DFA folder")
+    analyze.add_argument("--text", required=True, help="UTF-8 text file to run the model over")
+    analyze.add_argument("--output-dir", required=True, help="folder for analysis.json and the PNG plots")
+    analyze.add_argument("--max-length", type=int, default=256, help="tokens per window")
+    analyze.set_defaults(func=run_analyze)
+
+    demo = commands.add_parser("demo", help="offline end-to-end demo: build GPT-2, convert, export, reload, generate")
+    demo.add_argument("--base", default=None,
+                      help="stock GPT-2 checkpoint or Hub id (default: build one locally, no Hub needed)")
+    demo.add_argument("--output-dir", default="demo_output", help="where the demo writes its checkpoints")
+    demo.add_argument("--train-steps", type=int, default=300, help="steps of the local GPT-2's short training")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=run_demo)
+
+    if TRAINERS:
+        train = commands.add_parser("train", help="fine-tune a GraftLM model")
+        kinds = train.add_subparsers(dest="arch", required=True, parser_class=_Parser)
+        for name, module_name in TRAINERS.items():
+            module = importlib.import_module(module_name)
+            sub = kinds.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+            module.add_arguments(sub)
+            sub.set_defaults(func=module.main)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
+        if args.verbose:
+            raise
+        print(f"graftlm: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

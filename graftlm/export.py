@@ -1,0 +1,176 @@
+"""One export routine for every GraftLM architecture: a Hub-ready folder that loads with trust_remote_code.
+
+The folder holds config.json (with an `auto_map`), the configuration and modeling sources flattened to
+single-level relative imports (transformers' dynamic-module loader accepts nothing deeper),
+model.safetensors, generation_config.json, the tokenizer(s) and a model card. It is written into a
+temporary folder beside the target and renamed into place at the end, so the target never holds a
+half-written model.
+"""
+
+import inspect
+import logging
+import os
+import re
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from . import registry
+
+logger = logging.getLogger(__name__)
+
+_SOURCE_PACKAGES = ("configuration", "modeling")
+# `from ..configuration.configuration_dfa import X` or `from .gpt2_layers import X`
+_RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)(\.+)([\w.]*)(\s+import\s)", re.MULTILINE)
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def check_output_dir(output_dir, overwrite=False):
+    """Refuse a non-empty output folder unless `overwrite`; call this before any expensive work."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExportError(f"output path {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ExportError(f"output folder {output_dir} is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
+def _flatten_source(path):
+    """Return the text of one source file with every relative import rewritten to a single dot."""
+    text = Path(path).read_text(encoding="utf-8")
+    if re.search(r"^\s*(from|import)\s+graftlm\b", text, re.MULTILINE):
+        raise ExportError(f"{path} imports graftlm absolutely; exported sources may only use relative imports")
+
+    def rewrite(match):
+        prefix, dots, module, suffix = match.groups()
+        parts = module.split(".") if module else []
+        if len(dots) == 2 and parts and parts[0] in _SOURCE_PACKAGES:
+            parts = parts[1:]
+        elif len(dots) != 1:
+            raise ExportError(f"{path}: cannot flatten relative import {match.group(0).strip()!r}")
+        if len(parts) != 1:
+            raise ExportError(f"{path}: relative import {match.group(0).strip()!r} must name one module")
+        return f"{prefix}.{parts[0]}{suffix}"
+
+    return _RELATIVE_IMPORT.sub(rewrite, text)
+
+
+def _resolve_relative(path, dots, module):
+    base = Path(path).parent if len(dots) == 1 else Path(path).parent.parent
+    return base.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def collect_sources(*modules):
+    """Source files of `modules` and, recursively, of every module they import relatively: {file name: text}."""
+    todo = [Path(inspect.getsourcefile(m)) for m in modules]
+    sources = {}
+    while todo:
+        path = todo.pop()
+        if path.name in sources:
+            continue
+        sources[path.name] = _flatten_source(path)
+        for _, dots, module, _ in _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8")):
+            target = _resolve_relative(path, dots, module)
+            if not target.is_file():
+                raise ExportError(f"{path}: relative import of {module!r} resolves to no file ({target})")
+            todo.append(target)
+    return sources
+
+
+def auto_map_for(model):
+    """The config's `auto_map`: AutoConfig plus every Auto class registered for this architecture."""
+    arch = registry.get(model.config.model_type)
+    config_module = Path(inspect.getsourcefile(type(model.config))).stem
+    auto_map = {"AutoConfig": f"{config_module}.{type(model.config).__name__}"}
+    for auto_name, model_cls in arch.auto_classes.items():
+        auto_map[auto_name] = f"{Path(inspect.getsourcefile(model_cls)).stem}.{model_cls.__name__}"
+    return auto_map, [type(model.config), *arch.auto_classes.values()]
+
+
+def _yaml_value(value):
+    if isinstance(value, (list, tuple)):
+        return "\n" + "\n".join(f"- {v}" for v in value)
+    return f" {value}"
+
+
+def render_card(template_name, metadata, fields):
+    """Render model_cards/<template_name>.md: YAML metadata from `metadata`, body with $placeholders from `fields`."""
+    template = Template(resources.files("graftlm.model_cards").joinpath(f"{template_name}.md").read_text("utf-8"))
+    try:
+        body = template.substitute({k: str(v) for k, v in fields.items()})
+    except KeyError as err:
+        raise ExportError(f"model card template {template_name}.md needs the field {err}") from None
+    header = "\n".join(f"{key}:{_yaml_value(value)}" for key, value in metadata.items())
+    return f"---\n{header}\n---\n\n{body}"
+
+
+def export_model(model, output_dir, *, tokenizers=None, card=None, overwrite=False):
+    """Write a Hub-ready folder for any GraftLM model.
+
+    tokenizers: {subfolder: tokenizer}; "" is the root, where AutoTokenizer.from_pretrained(folder) finds it.
+    card: (template name, YAML metadata dict, body fields dict), rendered into README.md.
+    """
+    output_dir = Path(output_dir).resolve()
+    check_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    auto_map, classes = auto_map_for(model)
+    sources = collect_sources(*[inspect.getmodule(cls) for cls in classes])
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        previous_auto_map = getattr(model.config, "auto_map", None)
+        model.config.auto_map = auto_map
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+        finally:
+            model.config.auto_map = previous_auto_map
+        for name, text in sources.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        for subfolder, tokenizer in (tokenizers or {}).items():
+            tokenizer.save_pretrained(staging / subfolder)
+        if card is not None:
+            (staging / "README.md").write_text(render_card(*card), encoding="utf-8")
+        _replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("exported %s to %s", type(model).__name__, output_dir)
+    return output_dir
+
+
+def _replace_dir(staging, output_dir):
+    """Move `staging` to `output_dir`; an old folder is moved aside first and removed only once the new one is in place."""
+    backup = None
+    if output_dir.exists():
+        backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        os.replace(output_dir, backup)
+    try:
+        os.replace(staging, output_dir)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, output_dir)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def push_to_hub(folder, repo_id, *, private=False, token=None, commit_message=None):
+    """Create `repo_id` if needed and upload `folder` in one commit. The local folder is left as it is."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    message = commit_message or f"Upload {Path(folder).name} exported with graftlm"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message, repo_type="model")
+    except Exception as err:  # network, auth or Hub-side failure: the local export is complete either way
+        raise ExportError(
+            f"upload of {folder} to the Hub repo {repo_id!r} failed ({type(err).__name__}: {err}); "
+            f"the local export at {folder} is complete"
+        ) from err
+    logger.info("uploaded %s to %s", folder, repo_id)
+    return commit

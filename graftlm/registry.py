@@ -1,0 +1,50 @@
+"""The architectures GraftLM ships, and their registration with transformers' Auto classes.
+
+Registration lives here and not in the modeling files, because those files are exported as remote code:
+a `register` call inside them would clash with this one when both are imported in one process.
+"""
+
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # the CLI name: `graftlm convert <name>`
+    config_class: type
+    auto_classes: dict = field(default_factory=dict)  # {"AutoModelForCausalLM": ModelClass, ...}
+
+    @property
+    def model_type(self):
+        return self.config_class.model_type
+
+
+_BY_MODEL_TYPE = {}
+
+
+def register(arch):
+    import transformers
+
+    AutoConfig.register(arch.model_type, arch.config_class, exist_ok=True)
+    for auto_name, model_class in arch.auto_classes.items():
+        getattr(transformers, auto_name).register(arch.config_class, model_class, exist_ok=True)
+    _BY_MODEL_TYPE[arch.model_type] = arch
+
+
+def get(model_type):
+    if model_type not in _BY_MODEL_TYPE:
+        raise KeyError(f"model_type {model_type!r} is not a GraftLM architecture (known: {sorted(_BY_MODEL_TYPE)})")
+    return _BY_MODEL_TYPE[model_type]
+
+
+def all_architectures():
+    return list(_BY_MODEL_TYPE.values())
+
+
+def _register_all():
+    # One line per architecture; each architecture's owner edits only its own line.
+    from .configuration.configuration_dfa import DFAConfig
+    from .modeling.modeling_dfa import DFAForCausalLM, DFAModel
+
+    register(Architecture("dfa", DFAConfig, {"AutoModel": DFAModel, "AutoModelForCausalLM": DFAForCausalLM}))

@@ -1,0 +1,439 @@
+"""GPT2-DFA: GPT-2 with differentiable fuzzy attention.
+
+Each attention layer keeps GPT-2's math and parameter names (c_attn, c_proj, ln_1, mlp, ...) and adds
+- per-token soft gates over heads, g_t = H * softmax(W_g h_t + b) (c_gate; zero at conversion, so g = 1),
+- learned per-head masks on the q, k and v dimensions, mask = 2 * sigmoid(logit) (logit 0 at conversion, so mask = 1),
+- a gate-entropy regulariser whose weight lambda = exp(log_entropy_weight) is tuned by dual ascent toward a
+  target entropy, as Soft Actor-Critic tunes its temperature (Haarnoja et al. 2018, arXiv:1812.05905, eq. 18):
+  aux = -sg(lambda) * H + lambda * (sg(H) - H_target), plus mask_sparsity_weight * mean(mask).
+A converted model therefore computes exactly what the stock GPT-2 computed; training moves it away.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, eager_attention_forward
+from transformers.pytorch_utils import Conv1D
+
+from ..configuration.configuration_dfa import DFAConfig
+
+
+@dataclass
+class DFAModelOutput(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    gate_entropy: torch.FloatTensor | None = None  # mean entropy of the head-gate distribution (nats)
+    mask_mean: torch.FloatTensor | None = None  # mean value of all head-dimension masks
+    gates: tuple | None = None  # per layer (batch, seq or 1, heads kept): g = H * softmax(...), when output_gates
+
+
+@dataclass
+class DFACausalLMOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    ce_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    gate_entropy: torch.FloatTensor | None = None
+    entropy_weight: torch.FloatTensor | None = None
+    active_dim_fraction: torch.FloatTensor | None = None
+    gates: tuple | None = None
+
+
+class DFAAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_causal = True
+        self.n_head = config.n_head
+        heads = config.heads_of(layer_idx)
+        self.num_heads = len(heads)
+        self.qk_dim, self.v_dim = config.dims_of(layer_idx)
+        self.split_sizes = (self.num_heads * self.qk_dim,) * 2 + (self.num_heads * self.v_dim,)
+        # Scores keep GPT-2's scale 1/sqrt(n_embd / n_head) whatever prune() leaves of the head dimension.
+        self.scaling = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(layer_idx + 1)
+
+        self.c_attn = Conv1D(sum(self.split_sizes), config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, self.num_heads * self.v_dim)
+        self.c_gate = nn.Linear(config.n_embd, config.n_head)  # logits over all original heads
+        self.q_mask = nn.Parameter(torch.zeros(self.num_heads, self.qk_dim))  # mask logits
+        self.k_mask = nn.Parameter(torch.zeros(self.num_heads, self.qk_dim))
+        self.v_mask = nn.Parameter(torch.zeros(self.num_heads, self.v_dim))
+        self.kept_heads = heads  # original indices of the heads this layer keeps (all of them until prune())
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def masks(self):
+        """(q, k, v) masks in (0, 2), each (heads, dims); 1 at conversion."""
+        return tuple(2 * torch.sigmoid(m) for m in (self.q_mask, self.k_mask, self.v_mask))
+
+    def gate_probs(self, hidden_states, first_token_index, past_key_values):
+        """Softmax over heads: (batch, seq, n_head) per token, or (batch, 1, n_head) per sequence."""
+        if self.config.gate_mode == "token":
+            return torch.softmax(self.c_gate(hidden_states).float(), dim=-1)
+        stored = getattr(past_key_values, "dfa_sequence_gates", {}) if past_key_values is not None else {}
+        if self.layer_idx in stored:
+            return stored[self.layer_idx]
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        probs = torch.softmax(self.c_gate(hidden_states[rows, first_token_index]).float(), dim=-1)[:, None, :]
+        if past_key_values is not None:
+            if not hasattr(past_key_values, "dfa_sequence_gates"):
+                past_key_values.dfa_sequence_gates = {}
+            past_key_values.dfa_sequence_gates[self.layer_idx] = probs
+        return probs
+
+    def forward(self, hidden_states, attention_mask, past_key_values=None, first_token_index=None, **kwargs):
+        batch, seq, _ = hidden_states.shape
+        q, k, v = self.c_attn(hidden_states).split(self.split_sizes, dim=2)
+        q_mask, k_mask, v_mask = self.masks()
+        # (batch, heads, seq, dims), each dimension scaled by its mask
+        q = q.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2) * q_mask[:, None, :].to(q.dtype)
+        k = k.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2) * k_mask[:, None, :].to(k.dtype)
+        v = v.view(batch, seq, self.num_heads, self.v_dim).transpose(1, 2) * v_mask[:, None, :].to(v.dtype)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+
+        attention = eager_attention_forward
+        if self.config._attn_implementation not in (None, "eager"):
+            attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, weights = attention(
+            self, q, k, v, attention_mask, dropout=self.attn_dropout.p if self.training else 0.0, scaling=self.scaling
+        )  # out: (batch, seq, heads, v_dim)
+
+        probs = self.gate_probs(hidden_states, first_token_index, past_key_values)
+        kept = probs if self.num_heads == self.n_head else probs[..., self.kept_heads]
+        gates = self.n_head * kept  # (batch, seq or 1, heads kept); entropy below uses all heads' probs
+        out = out * gates[..., None].to(out.dtype)
+        out = self.c_proj(out.reshape(batch, seq, self.num_heads * self.v_dim))
+        return self.resid_dropout(out), weights, probs, gates
+
+
+class DFABlock(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = DFAAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(inner_dim, config)
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, first_token_index=None, **kwargs):
+        attn_out, weights, probs, gates = self.attn(
+            self.ln_1(hidden_states), attention_mask, past_key_values, first_token_index
+        )
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states, weights, probs, gates
+
+
+class DFAPreTrainedModel(PreTrainedModel):
+    config: DFAConfig
+    config_class = DFAConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DFABlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _keep_in_fp32_modules = ["c_gate"]
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, (DFAAttention, GPT2MLP)):
+            # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer))
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, DFAAttention):
+            # Identity at conversion: uniform gates (g = 1) and masks of exactly 1.
+            init.zeros_(module.c_gate.weight)
+            init.zeros_(module.c_gate.bias)
+            for mask in (module.q_mask, module.k_mask, module.v_mask):
+                init.zeros_(mask)
+        if isinstance(module, DFAModel):
+            init.constant_(module.log_entropy_weight, math.log(self.config.entropy_weight_init))
+
+
+class DFAModel(DFAPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([DFABlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.log_entropy_weight = nn.Parameter(torch.tensor(math.log(config.entropy_weight_init)))
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_gates=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length + seq > self.config.n_positions:
+            raise ValueError(
+                f"input of {past_length + seq} positions ({past_length} cached + {seq} new) is longer than "
+                f"n_positions={self.config.n_positions}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)[None, :]
+        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] != past_length + seq:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} positions, expected {past_length + seq} "
+                f"({past_length} cached + {seq} new)"
+            )
+        mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+        first_token_index = (
+            mask_2d.long().argmax(dim=1)
+            if mask_2d is not None
+            else torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
+        )
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+
+        all_hidden, all_attn, all_gates, entropies = [], [], [], []
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, weights, probs, gates = block(
+                hidden_states, causal_mask, past_key_values, first_token_index, **kwargs
+            )
+            entropies.append(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1))  # (batch, seq or 1)
+            all_attn.append(weights)
+            all_gates.append(gates)
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+
+        entropy = torch.stack(entropies)  # (layers, batch, seq or 1)
+        if mask_2d is not None and entropy.shape[-1] == seq:
+            real = mask_2d[:, -seq:].to(entropy.dtype)
+            gate_entropy = (entropy * real).sum() / (real.sum() * len(self.h)).clamp_min(1)
+        else:
+            gate_entropy = entropy.mean()
+        masks = [m for block in self.h for m in block.attn.masks()]
+        mask_mean = torch.cat([m.flatten() for m in masks]).mean()
+        return DFAModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            gate_entropy=gate_entropy,
+            mask_mean=mask_mean,
+            gates=tuple(all_gates) if output_gates else None,
+        )
+
+    @torch.no_grad()
+    def active_dim_fraction(self):
+        """Share of GPT-2's q.k and v head dimensions still open (mask product or mask >= mask_threshold)."""
+        threshold = self.config.mask_threshold
+        active = 0
+        for block in self.h:
+            q, k, v = block.attn.masks()
+            active += int(((q * k) >= threshold).sum()) + int((v >= threshold).sum())
+        return torch.tensor(active / (2 * self.config.n_layer * self.config.n_embd))
+
+
+class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer = DFAModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def target_entropy(self):
+        return self.config.target_entropy_ratio * math.log(self.config.n_head)
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_gates=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        out = self.transformer(
+            input_ids=input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_gates=output_gates,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif not isinstance(logits_to_keep, int):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+
+        # Dual ascent on log(lambda): d aux / d log(lambda) = lambda * (H - H_target), so lambda rises while the
+        # entropy is below target and falls while above; the model itself sees only -lambda * H.
+        weight = self.transformer.log_entropy_weight.exp()
+        entropy = out.gate_entropy
+        aux_loss = -weight.detach() * entropy + weight * (entropy.detach() - self.target_entropy())
+        aux_loss = aux_loss + self.config.mask_sparsity_weight * out.mask_mean
+
+        ce_loss = loss = None
+        if labels is not None:
+            ce_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = ce_loss + aux_loss
+        return DFACausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            ce_loss=ce_loss,
+            aux_loss=aux_loss,
+            gate_entropy=entropy.detach(),
+            entropy_weight=weight.detach(),
+            active_dim_fraction=self.transformer.active_dim_fraction(),
+            gates=out.gates,
+        )
+
+    @torch.no_grad()
+    def prune(self, threshold=None, head_threshold=None, calibration_input_ids=None, calibration_attention_mask=None):
+        """Remove closed head dimensions (and, with `head_threshold`, heads whose gates stay low), shrinking c_attn,
+        c_proj and the masks. The new shapes go into the config, so the pruned model saves and loads.
+
+        A q/k dimension is closed when q_mask * k_mask < threshold in every head that drops it, a v dimension when
+        v_mask < threshold. Heads are batched, so each layer keeps the same number of dimensions in every head:
+        the largest number any head needs, each head keeping its highest-mask dimensions.
+        A head is removed when its gate stays below `head_threshold` on every real token of the calibration batch;
+        the gate softmax still runs over all original heads, so the remaining heads' gates are unchanged.
+        Returns the number of parameters removed.
+        """
+        threshold = self.config.mask_threshold if threshold is None else threshold
+        if head_threshold is not None and calibration_input_ids is None:
+            raise ValueError("pruning heads needs calibration_input_ids to measure the gates on")
+        keep_heads = [None] * self.config.n_layer
+        if head_threshold is not None:
+            out = self(
+                input_ids=calibration_input_ids,
+                attention_mask=calibration_attention_mask,
+                output_gates=True,
+                use_cache=False,
+            )
+            for i, gates in enumerate(out.gates):
+                if calibration_attention_mask is not None and gates.shape[1] > 1:
+                    gates = gates[calibration_attention_mask.bool()]
+                peak = gates.reshape(-1, gates.shape[-1]).max(dim=0).values
+                keep = (peak >= head_threshold).nonzero().flatten()
+                keep_heads[i] = keep if len(keep) else peak.argmax().view(1)
+
+        before = self.num_parameters()
+        layer_heads, layer_qk, layer_v = [], [], []
+        for i, block in enumerate(self.transformer.h):
+            heads, qk, v = _prune_attention(block.attn, threshold, keep_heads[i])
+            layer_heads.append(heads)
+            layer_qk.append(qk)
+            layer_v.append(v)
+        self.config.layer_heads, self.config.layer_qk_dims, self.config.layer_v_dims = layer_heads, layer_qk, layer_v
+        return before - self.num_parameters()
+
+
+def _prune_attention(attn, threshold, keep_heads=None):
+    """Shrink one DFAAttention in place; return (kept original head indices, qk dims, v dims)."""
+    q_mask, k_mask, v_mask = attn.masks()
+    heads = torch.arange(attn.num_heads) if keep_heads is None else keep_heads.sort().values
+    qk_score, v_score = (q_mask * k_mask)[heads], v_mask[heads]
+    n_qk = max(1, int((qk_score >= threshold).sum(dim=1).max()))
+    n_v = max(1, int((v_score >= threshold).sum(dim=1).max()))
+    qk_idx = qk_score.topk(n_qk, dim=1).indices.sort(dim=1).values  # (heads kept, n_qk)
+    v_idx = v_score.topk(n_v, dim=1).indices.sort(dim=1).values
+
+    # Columns of c_attn (Conv1D weight is (in, out)) laid out as [q heads | k heads | v heads].
+    q_cols = (heads[:, None] * attn.qk_dim + qk_idx).flatten()
+    k_cols = q_cols + attn.num_heads * attn.qk_dim
+    v_cols = (heads[:, None] * attn.v_dim + v_idx).flatten() + 2 * attn.num_heads * attn.qk_dim
+    cols = torch.cat([q_cols, k_cols, v_cols])
+    proj_rows = (heads[:, None] * attn.v_dim + v_idx).flatten()
+
+    c_attn = Conv1D(len(cols), attn.c_attn.weight.shape[0]).to(attn.c_attn.weight)
+    c_attn.weight.copy_(attn.c_attn.weight[:, cols])
+    c_attn.bias.copy_(attn.c_attn.bias[cols])
+    c_proj = Conv1D(attn.c_proj.weight.shape[1], len(proj_rows)).to(attn.c_proj.weight)
+    c_proj.weight.copy_(attn.c_proj.weight[proj_rows])
+    c_proj.bias.copy_(attn.c_proj.bias)
+    attn.c_attn, attn.c_proj = c_attn, c_proj
+    attn.q_mask = nn.Parameter(attn.q_mask[heads[:, None], qk_idx].clone())
+    attn.k_mask = nn.Parameter(attn.k_mask[heads[:, None], qk_idx].clone())
+    attn.v_mask = nn.Parameter(attn.v_mask[heads[:, None], v_idx].clone())
+    attn.kept_heads = [attn.kept_heads[h] for h in heads.tolist()]
+    attn.num_heads, attn.qk_dim, attn.v_dim = len(heads), n_qk, n_v
+    attn.split_sizes = (len(heads) * n_qk,) * 2 + (len(heads) * n_v,)
+    return list(attn.kept_heads), n_qk, n_v
+
+
+__all__ = ["DFAForCausalLM", "DFAModel", "DFAPreTrainedModel"]

@@ -1,0 +1,16 @@
+import os
+import tempfile
+
+import pytest
+
+# Set before transformers is imported: no Hub calls, and remote code copied into a throwaway modules cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="graftlm-hf-modules-"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    from testing_utils import save_tiny_gpt2
+
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
