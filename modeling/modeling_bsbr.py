@@ -1,0 +1,413 @@
+"""GPT2-BSBR: GPT-2 with causal block-sparse attention and block retrieval.
+
+Each layer keeps GPT-2's parameters and names (c_attn, c_proj, ln_1, mlp, ...). With chunk size B, token t of chunk i
+computes, per head,
+    local_t     = softmax(q_t K_i[<=t]^T * scaling) V_i[<=t]          GPT-2's attention inside its own chunk only
+    retrieved_t = phi(q_t) S_i / (phi(q_t) . u_i + eps)               S_i = sum_{j<i} P_ij F_j,  u_i = sum_{j<i} P_ij z_j
+    out_t       = local_t + g * retrieved_t                           g: per-head gate, 0 at conversion
+with, per completed chunk j, the state F_j = phi(K_j)^T V_j (state_dim x head_dim), the normaliser z_j = sum_t phi(k_t),
+the chunk key H_j = meta_h_proj(mean of chunk j's layer inputs) and, for chunk i, the meta-query
+R_i = meta_r_proj(mean of chunk i-1's layer inputs): P_i = softmax_{j<i}(R_i . H_j / sqrt(head_dim)).
+phi(x) = elu(x) + 1 (linear attention, Katharopoulos et al. 2020, arXiv:2006.16236): positive, so the normaliser is
+positive, and smooth with a non-zero gradient everywhere. With compression_factor c, keys and queries pass through
+a learned head_dim -> head_dim / c projection before phi.
+
+Chunks are counted over each row's real tokens (attention_mask == 1), so a left-padded row is chunked exactly like
+the same row without padding. No n x n tensor is built: the local term is a (batch, heads * n_chunks, B, B) SDPA,
+the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+from transformers.pytorch_utils import Conv1D
+
+from ..configuration.configuration_bsbr import BSBRConfig
+from .bsbr_cache import BSBRCache
+
+
+def feature_map(x, name):
+    """phi: a positive feature map, so phi(q) . z > 0."""
+    return F.elu(x) + 1 if name == "elu+1" else F.softplus(x)
+
+
+def block_average(head_dim, factor):
+    """(head_dim / factor, head_dim) weight averaging each run of `factor` consecutive dimensions."""
+    weight = torch.zeros(head_dim // factor, head_dim)
+    for row in range(head_dim // factor):
+        weight[row, row * factor : (row + 1) * factor] = 1.0 / factor
+    return weight
+
+
+class BSBRAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.n_head, self.head_dim, self.chunk = config.n_head, config.head_dim, config.chunk_size
+        self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(layer_idx + 1)
+        self.c_attn = Conv1D(3 * config.n_embd, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.meta_r_proj = Conv1D(config.n_embd, config.n_embd)  # chunk meta-queries R
+        self.meta_h_proj = Conv1D(config.n_embd, config.n_embd)  # chunk keys H
+        self.retrieval_gate = nn.Parameter(torch.zeros(config.n_head))  # g, one per head
+        factor = config.compression_factor or 1
+        self.compress_proj = nn.Linear(self.head_dim, self.head_dim // factor, bias=False) if factor > 1 else None
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def _heads(self, x):
+        """(..., n_embd) -> (..., heads, head_dim), heads moved before the token/chunk axis: (b, h, ..., d)."""
+        x = x.view(*x.shape[:-1], self.n_head, self.head_dim)
+        return x.movedim(-2, 1)
+
+    def _features(self, x):
+        """phi(compress(x)) in float32: (..., head_dim) -> (..., state_dim)."""
+        x = x.float()
+        if self.compress_proj is not None:
+            x = F.linear(x, self.compress_proj.weight.float())
+        return feature_map(x, self.config.feature_map)
+
+    def _meta(self, summary):
+        """Chunk summaries (b, ..., n_embd) -> meta-queries R and chunk keys H, each (b, h, ..., head_dim), float32."""
+        r = F.linear(summary, self.meta_r_proj.weight.float().t(), self.meta_r_proj.bias.float())
+        h = F.linear(summary, self.meta_h_proj.weight.float().t(), self.meta_h_proj.bias.float())
+        return self._heads(r), self._heads(h)
+
+    def forward(self, hidden_states, valid, layer_state=None):
+        """hidden_states (b, T, n_embd). Without a filled cache, rows are compacted (real tokens first) and `valid`
+        (b, T) marks them; with one, `valid` marks which new tokens are real and tokens are decoded one by one."""
+        q, k, v = (self._heads(t) for t in self.c_attn(hidden_states).split(self.config.n_embd, dim=2))
+        if layer_state is not None and layer_state.initialized:
+            steps = [self._decode_step(hidden_states[:, t], q[:, :, t], k[:, :, t], v[:, :, t], valid[:, t], layer_state)
+                     for t in range(hidden_states.shape[1])]
+            out = torch.stack(steps, dim=2)  # (b, h, T, d)
+        else:
+            out = self._chunked(hidden_states, q, k, v, valid, layer_state)
+        if layer_state is not None:
+            layer_state.seen += hidden_states.shape[1]
+        out = self.c_proj(out.transpose(1, 2).reshape(hidden_states.shape))
+        return self.resid_dropout(out)
+
+    def _chunked(self, x, q, k, v, valid, layer_state):
+        """All chunks at once. Rows hold their real tokens first (valid is a prefix of each row)."""
+        b, h, n, d = q.shape
+        chunk = self.chunk
+        n_chunks = -(-n // chunk) + (1 if layer_state is not None and n % chunk == 0 else 0)  # room for the open chunk
+        pad = n_chunks * chunk - n
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        x, valid = F.pad(x, (0, 0, 0, pad)), F.pad(valid, (0, pad))
+
+        # Local term: causal softmax attention inside each chunk, chunks folded into the head axis.
+        fold = (b, h * n_chunks, chunk, d)
+        local = F.scaled_dot_product_attention(
+            q.reshape(fold), k.reshape(fold), v.reshape(fold), is_causal=True, scale=self.scaling,
+            dropout_p=self.attn_dropout.p if self.training else 0.0,
+        ).view(b, h, n_chunks, chunk, d)
+
+        # Retrieval term, float32. Padded slots get zero features, so they enter no state or normaliser.
+        mask = valid.view(b, 1, n_chunks, chunk, 1).float()
+        kf = self._features(k).view(b, h, n_chunks, chunk, -1) * mask  # (b, h, C, B, s)
+        vf = v.float().view(b, h, n_chunks, chunk, d)
+        states = kf.transpose(-1, -2) @ vf  # F_j: (b, h, C, s, d)
+        norms = kf.sum(-2)  # z_j: (b, h, C, s)
+        x_sums = (x.float() * valid[..., None]).view(b, n_chunks, chunk, -1).sum(2)  # (b, C, n_embd)
+        counts = valid.view(b, n_chunks, chunk).sum(-1, keepdim=True).clamp_min(1)
+        meta_r, meta_h = self._meta(x_sums / counts)  # (b, h, C, d): R from chunk a serves chunk a + 1
+        scores = meta_r @ meta_h.transpose(-1, -2) / math.sqrt(d)  # (b, h, C, C): row a scores chunks j <= a
+        future = torch.ones(n_chunks, n_chunks, dtype=torch.bool, device=q.device).triu(1)
+        probs = scores.masked_fill(future, torch.finfo(scores.dtype).min).softmax(-1)  # row a = P_{a+1}
+        s_next = (probs @ states.flatten(-2)).view_as(states)  # S_{a+1}
+        u_next = probs @ norms
+        s_all = F.pad(s_next, (0, 0, 0, 0, 1, 0))[:, :, :n_chunks]  # S_i: chunk 0 reads nothing
+        u_all = F.pad(u_next, (0, 0, 1, 0))[:, :, :n_chunks]
+        qf = self._features(q).view(b, h, n_chunks, chunk, -1)
+        numer = qf @ s_all  # (b, h, C, B, d)
+        denom = (qf @ u_all[..., None]) + self.config.retrieval_eps  # (b, h, C, B, 1)
+        retrieved = numer / denom
+
+        gate = self.retrieval_gate.view(1, h, 1, 1, 1)
+        out = (local + gate.to(local.dtype) * retrieved.to(local.dtype)).view(b, h, n_chunks * chunk, d)[:, :, :n]
+
+        if layer_state is not None:
+            lengths = valid.sum(1)
+            open_chunk = lengths // chunk  # per row: index of the chunk still being filled
+            rows = torch.arange(b, device=q.device)
+            kc, vc = k.view(b, h, n_chunks, chunk, d), v.view(b, h, n_chunks, chunk, d)
+            done = int(open_chunk.max())
+            layer_state.set(
+                k_buf=kc[rows, :, open_chunk], v_buf=vc[rows, :, open_chunk],
+                f_run=states[rows, :, open_chunk], z_run=norms[rows, :, open_chunk], x_run=x_sums[rows, open_chunk],
+                fill=lengths % chunk, chunks=open_chunk,
+                f_store=states[:, :, :done], z_store=norms[:, :, :done], h_store=meta_h[:, :, :done],
+                s_cur=s_all[rows, :, open_chunk], u_cur=u_all[rows, :, open_chunk],
+            )
+        return out
+
+    def _decode_step(self, x, q, k, v, real, st):
+        """One token per row: x (b, n_embd), q/k/v (b, h, d), real (b,) bool. Updates the layer state in place."""
+        b, h, d = q.shape
+        chunk = self.chunk
+        slot = st.fill.view(b, 1, 1, 1).expand(b, h, 1, d)
+        st.k_buf = st.k_buf.scatter(2, slot, k[:, :, None])
+        st.v_buf = st.v_buf.scatter(2, slot, v[:, :, None])
+        scores = (q[:, :, None] @ st.k_buf.transpose(-1, -2)) * self.scaling  # (b, h, 1, B)
+        later = torch.arange(chunk, device=q.device) > st.fill[:, None]  # slots after this token's
+        scores = scores.masked_fill(later[:, None, None, :], torch.finfo(scores.dtype).min)
+        probs = self.attn_dropout(scores.softmax(-1))
+        local = (probs @ st.v_buf)[:, :, 0]  # (b, h, d)
+
+        qf = self._features(q)  # (b, h, s)
+        retrieved = (qf[:, :, None] @ st.s_cur)[:, :, 0] / ((qf * st.u_cur).sum(-1, keepdim=True) + self.config.retrieval_eps)
+        out = local + self.retrieval_gate.view(1, h, 1).to(local.dtype) * retrieved.to(local.dtype)
+
+        keep = real.float()
+        kf = self._features(k) * keep.view(b, 1, 1)
+        st.f_run = st.f_run + kf[..., None] * v.float()[:, :, None, :]
+        st.z_run = st.z_run + kf
+        st.x_run = st.x_run + x.float() * keep[:, None]
+        st.fill = st.fill + real.long()
+        completed = st.fill == chunk
+        if bool(completed.any()):
+            self._close_chunks(st, completed)
+        return out
+
+    def _close_chunks(self, st, completed):
+        """Store the state of every row's just-completed chunk and refresh the retrieval state for its next chunk."""
+        b = completed.shape[0]
+        capacity = st.f_store.shape[2]
+        needed = int((st.chunks + completed.long()).max())
+        if needed > capacity:
+            grow = needed - capacity
+            st.f_store = F.pad(st.f_store, (0, 0, 0, 0, 0, grow))
+            st.z_store = F.pad(st.z_store, (0, 0, 0, grow))
+            st.h_store = F.pad(st.h_store, (0, 0, 0, grow))
+            capacity = needed
+        meta_r, meta_h = self._meta(st.x_run / self.chunk)  # (b, h, d)
+        slots = torch.arange(capacity, device=completed.device)
+        write = (slots[None, :] == st.chunks[:, None]) & completed[:, None]  # (b, capacity)
+        st.f_store = torch.where(write[:, None, :, None, None], st.f_run[:, :, None], st.f_store)
+        st.z_store = torch.where(write[:, None, :, None], st.z_run[:, :, None], st.z_store)
+        st.h_store = torch.where(write[:, None, :, None], meta_h[:, :, None], st.h_store)
+        chunks = st.chunks + completed.long()
+
+        scores = (st.h_store @ meta_r[..., None])[..., 0] / math.sqrt(self.head_dim)  # (b, h, capacity)
+        readable = (slots[None, :] < chunks[:, None])[:, None, :]
+        probs = scores.masked_fill(~readable, torch.finfo(scores.dtype).min).softmax(-1) * readable
+        s_new = (probs[:, :, None, :] @ st.f_store.flatten(-2))[:, :, 0].view_as(st.s_cur)
+        u_new = (probs[:, :, None, :] @ st.z_store)[:, :, 0]
+
+        sel = completed.view(b, 1, 1)
+        st.s_cur = torch.where(sel[..., None], s_new, st.s_cur)
+        st.u_cur = torch.where(sel, u_new, st.u_cur)
+        st.f_run = torch.where(sel[..., None], 0.0, st.f_run)
+        st.z_run = torch.where(sel, 0.0, st.z_run)
+        st.x_run = torch.where(completed[:, None], 0.0, st.x_run)
+        st.fill = torch.where(completed, 0, st.fill)
+        st.chunks = chunks
+
+
+class BSBRBlock(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = BSBRAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(inner_dim, config)
+
+    def forward(self, hidden_states, valid, layer_state=None, **kwargs):
+        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), valid, layer_state)
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class BSBRPreTrainedModel(PreTrainedModel):
+    config: BSBRConfig
+    config_class = BSBRConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BSBRBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        return False  # generate() must not hand us a DynamicCache: forward() creates a BSBRCache
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, (BSBRAttention, GPT2MLP)):
+            # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer))
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, BSBRAttention):
+            init.zeros_(module.retrieval_gate)  # identity at conversion: out = local
+            if module.compress_proj is not None:
+                init.copy_(module.compress_proj.weight, block_average(module.head_dim, self.config.compression_factor))
+
+
+class BSBRModel(BSBRPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([BSBRBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if output_attentions:
+            raise ValueError("GPT2-BSBR builds no token-by-token attention matrix; output_attentions is not supported")
+        if past_key_values is not None and not isinstance(past_key_values, BSBRCache):
+            raise TypeError(f"past_key_values must be a BSBRCache, got {type(past_key_values).__name__}")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = BSBRCache(self.config.n_layer)
+        if not use_cache:
+            past_key_values = None
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length + seq > self.config.n_positions:
+            raise ValueError(
+                f"input of {past_length + seq} positions ({past_length} cached + {seq} new) is longer than "
+                f"n_positions={self.config.n_positions}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)[None, :]
+        elif position_ids.numel() and int(position_ids.max()) >= self.config.n_positions:
+            raise ValueError(f"position_ids reach {int(position_ids.max())}, n_positions is {self.config.n_positions}")
+        real = self._real_tokens(attention_mask, batch, seq, past_length, inputs_embeds.device)
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+
+        # Without a filled cache, move each row's real tokens to the front (layer norms and MLPs act per token, so
+        # this commutes with everything but the chunking), which makes every row's chunks start at its first real token.
+        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        order = None
+        if not decoding and not bool(real.all()):
+            order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+            hidden_states = hidden_states.gather(1, order[..., None].expand_as(hidden_states))
+            real = real.gather(1, order)
+        restore = (lambda t: t.scatter(1, order[..., None].expand_as(t), t)) if order is not None else (lambda t: t)
+
+        all_hidden = []
+        for i, block in enumerate(self.h):
+            if output_hidden_states:
+                all_hidden.append(restore(hidden_states))
+            layer_state = past_key_values.layers[i] if past_key_values is not None else None
+            hidden_states = block(hidden_states, real, layer_state)
+        hidden_states = restore(self.ln_f(hidden_states))
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+
+    @staticmethod
+    def _real_tokens(attention_mask, batch, seq, past_length, device):
+        """(batch, seq) bool: which of the new tokens are real."""
+        if attention_mask is None:
+            return torch.ones(batch, seq, dtype=torch.bool, device=device)
+        if attention_mask.ndim != 2:
+            raise ValueError(f"GPT2-BSBR takes a 2-D (batch, seq) attention_mask, got {attention_mask.ndim}-D")
+        if attention_mask.shape != (batch, past_length + seq):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {past_length + seq}) "
+                f"({past_length} cached + {seq} new positions)"
+            )
+        return attention_mask[:, past_length:].bool()
+
+
+class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer = BSBRModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        out = self.transformer(
+            input_ids=input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif not isinstance(logits_to_keep, int):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+
+__all__ = ["BSBRForCausalLM", "BSBRModel", "BSBRPreTrainedModel"]
