@@ -12,7 +12,7 @@ def load_model_and_tokenizer(name_or_path, trust_remote_code=False, **kwargs):
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 

@@ -25,6 +25,7 @@ def run_without_graftlm(code, workdir, timeout=600):
     result = subprocess.run(
         [sys.executable, "-c", _BLOCK_GRAFTLM + textwrap.dedent(code)],
         cwd=workdir,
+        stdin=subprocess.DEVNULL,
         env=env,
         capture_output=True,
         text=True,

@@ -1,0 +1,358 @@
+import math
+
+import pytest
+import torch
+from testing_utils import gpt2_tokenizer, run_without_graftlm, save_tiny_gpt2
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+import graftlm  # noqa: F401  registers the architectures
+from graftlm.configuration.configuration_dfa import DFAConfig
+from graftlm.conversion.common import ConversionError, probe_batch
+from graftlm.conversion.dfa import convert_gpt2_to_dfa, model_card
+from graftlm.export import export_model
+from graftlm.modeling.modeling_dfa import DFAForCausalLM
+
+# Two tiny GPT-2s: one with a head count that is not a power of two.
+GPT2_CONFIGS = {"4heads": dict(n_head=4, n_embd=32), "3heads": dict(n_head=3, n_embd=48, n_layer=3)}
+
+
+@pytest.fixture(scope="module", params=list(GPT2_CONFIGS))
+def converted(request, tmp_path_factory):
+    base = save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), seed=1, **GPT2_CONFIGS[request.param])
+    model, report = convert_gpt2_to_dfa(base)
+    return base, model, report
+
+
+def left_padded_batch(vocab=50257, seq=12):
+    return probe_batch(vocab, seq_len=seq, batch_size=3, seed=3)
+
+
+def positions(mask):
+    """Position ids for a left-padded batch, as generate() builds them."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def perturb(model, seed=0, scale=1.0):
+    """Move every DFA parameter away from the identity, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "c_gate" in name or name.endswith("_mask"):
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return model
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_converted_dfa_reproduces_stock_gpt2_logits(converted, attn_implementation):
+    base, _, report = converted
+    stock = GPT2LMHeadModel.from_pretrained(base, attn_implementation=attn_implementation).eval()
+    model, _ = convert_gpt2_to_dfa(base)
+    model.set_attn_implementation(attn_implementation)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max().item() <= 1e-4
+    assert report.max_abs_logit_delta <= 1e-4
+
+
+def test_greedy_generate_cache_equals_no_cache_equals_stock(converted):
+    base, model, _ = converted
+    stock = GPT2LMHeadModel.from_pretrained(base).eval()
+    ids, mask = left_padded_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(**kwargs)
+        uncached = model.generate(**kwargs, use_cache=False)
+        reference = stock.generate(**kwargs)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, reference)
+
+
+def test_sampling_runs_and_is_reproducible(converted):
+    _, model, _ = converted
+    ids, mask = left_padded_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    torch.manual_seed(0)
+    first = model.generate(**kwargs)
+    torch.manual_seed(0)
+    second = model.generate(**kwargs, use_cache=False)
+    assert first.shape == (3, ids.shape[1] + 8)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("gate_mode", ["token", "sequence"])
+def test_trained_dfa_cache_matches_full_forward_at_every_step(tiny_gpt2_dir, gate_mode):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, gate_mode=gate_mode)
+    perturb(model)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        prefix = 5
+        out = model(input_ids=ids[:, :prefix], attention_mask=mask[:, :prefix], use_cache=True)
+        steps = [out.logits]
+        for t in range(prefix, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                        past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    stepwise = torch.cat(steps, dim=1)
+    real = mask.bool()
+    assert (stepwise[real] - full[real]).abs().max().item() <= 1e-4
+
+
+def test_sequence_gates_come_from_the_first_real_token(tiny_gpt2_dir):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, gate_mode="sequence")
+    perturb(model, scale=3.0)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        gates = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_gates=True).gates
+        # Row 2 alone, without its padding, must get the same gates.
+        first = int(mask[1].argmax())
+        alone = model(input_ids=ids[1:2, first:], output_gates=True).gates
+    for layer_gates, layer_alone in zip(gates, alone):
+        assert layer_gates.shape[1] == 1
+        torch.testing.assert_close(layer_gates[1], layer_alone[0])
+
+
+def test_padding_changes_nothing_for_real_tokens(tiny_gpt2_dir):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir)
+    perturb(model)
+    ids, mask = left_padded_batch()
+    first = int(mask[1].argmax())
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[1, first:]
+        alone = model(input_ids=ids[1:2, first:]).logits[0]
+    assert (padded - alone).abs().max().item() <= 1e-4
+
+
+def test_outputs_carry_each_loss_part(tiny_gpt2_dir):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, mask_sparsity_weight=0.01)
+    ids, _ = left_padded_batch()
+    out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, out.ce_loss + out.aux_loss)
+    n_head = model.config.n_head
+    assert out.gate_entropy.item() == pytest.approx(math.log(n_head), abs=1e-5)  # uniform gates at conversion
+    assert out.entropy_weight.item() == pytest.approx(0.01)
+    assert out.active_dim_fraction.item() == 1.0
+    expected_aux = -0.01 * math.log(n_head) + 0.01 * (math.log(n_head) - 0.9 * math.log(n_head)) + 0.01 * 1.0
+    assert out.aux_loss.item() == pytest.approx(expected_aux, rel=1e-5)
+
+
+def test_one_optimisation_step_moves_gates_masks_and_lambda(tiny_gpt2_dir):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, mask_sparsity_weight=0.01)
+    model.train()
+    tracked = {
+        name: param.detach().clone()
+        for name, param in model.named_parameters()
+        if "c_gate" in name or name.endswith("_mask") or name.endswith("log_entropy_weight")
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    moved = {name for name, before in tracked.items() if not torch.equal(before, dict(model.named_parameters())[name])}
+    assert any("c_gate" in name for name in moved)
+    assert any(name.endswith("q_mask") for name in moved) and any(name.endswith("v_mask") for name in moved)
+    assert "transformer.log_entropy_weight" in moved
+
+
+@pytest.mark.parametrize("direction", ["below_target", "above_target"])
+def test_entropy_weight_rises_below_target_and_falls_above(tiny_gpt2_dir, direction):
+    if direction == "below_target":
+        # Peaked gates (low entropy) and the highest possible target: lambda must rise.
+        model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, target_entropy_ratio=1.0)
+        perturb(model, scale=5.0)
+    else:
+        # Uniform gates (maximal entropy) and a low target: lambda must fall.
+        model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, target_entropy_ratio=0.2)
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD([model.transformer.log_entropy_weight], lr=10.0)
+    before = model.transformer.log_entropy_weight.item()
+    out = model(input_ids=ids, labels=ids)
+    below = out.gate_entropy.item() < model.target_entropy()
+    assert below == (direction == "below_target")
+    out.loss.backward()
+    optimizer.step()
+    after = model.transformer.log_entropy_weight.item()
+    assert (after > before) if below else (after < before)
+
+
+def close_half_the_dimensions(model):
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for mask in (block.attn.q_mask, block.attn.k_mask, block.attn.v_mask):
+                half = mask.shape[1] // 2
+                for head in range(mask.shape[0]):  # a different half in every head
+                    closed = torch.randperm(mask.shape[1], generator=torch.Generator().manual_seed(head))[:half]
+                    mask[head, closed] = -30.0  # 2 * sigmoid(-30) ~ 2e-13
+    return model
+
+
+def test_prune_keeps_logits_and_removes_the_expected_parameters(tiny_gpt2_dir, tmp_path):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir)
+    close_half_the_dimensions(model)
+    perturb_gates_only = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_gate.weight.add_(torch.randn(block.attn.c_gate.weight.shape, generator=perturb_gates_only))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    removed = model.prune()
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (after[real] - before[real]).abs().max().item() <= 1e-5
+
+    config = model.config
+    half = config.n_embd // 2  # half of every head's dimensions, summed over heads
+    per_layer = (
+        3 * half * config.n_embd + 3 * half  # c_attn weight columns and bias
+        + half * config.n_embd  # c_proj weight rows
+        + 3 * half  # q, k, v mask entries
+    )
+    assert removed == per_layer * config.n_layer
+    assert config.layer_qk_dims == [config.head_dim // 2] * config.n_layer
+    assert config.layer_v_dims == [config.head_dim // 2] * config.n_layer
+
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = DFAForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, after)
+        cached = reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        uncached = reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                     pad_token_id=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_prune_removes_heads_whose_gates_stay_low(tiny_gpt2_dir):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_gate.bias[1] = -40.0  # head 1 of layer 0 is never used
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    model.prune(head_threshold=1e-6, calibration_input_ids=ids, calibration_attention_mask=mask)
+    assert model.config.layer_heads[0] == [0, 2, 3]
+    assert model.config.layer_heads[1] == [0, 1, 2, 3]
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (after[real] - before[real]).abs().max().item() <= 1e-5
+
+
+def test_save_and_load_give_identical_logits(tiny_gpt2_dir, tmp_path):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, gate_mode="sequence")
+    perturb(model)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert isinstance(reloaded, DFAForCausalLM) and reloaded.config.gate_mode == "sequence"
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           reloaded(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_exported_folder_loads_without_graftlm_and_generates_the_same_tokens(tiny_gpt2_dir, tmp_path):
+    model, report = convert_gpt2_to_dfa(tiny_gpt2_dir)
+    perturb(model)
+    folder = export_model(model, tmp_path / "export", tokenizers={"": gpt2_tokenizer()},
+                          card=model_card(report, "user/gpt2-dfa-tiny"))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    result = run_without_graftlm(
+        f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        print(json.dumps({{"module": type(model).__module__, "tokens": out.tolist(),
+                          "hello": tokenizer("Hello world").input_ids}}))
+        """,
+        tmp_path,
+    )
+    assert result["module"].startswith("transformers_modules.")
+    assert result["tokens"] == expected.tolist()
+    assert result["hello"] == [15496, 995]  # GPT-2's own ids
+
+
+def test_4bit_loading_runs_and_stays_close_to_float32(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    # bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 input features: use a width of 128.
+    model, _ = convert_gpt2_to_dfa(save_tiny_gpt2(tmp_path / "gpt2", n_embd=128, n_head=4))
+    model.save_pretrained(tmp_path / "dfa")
+    quantized = DFAForCausalLM.from_pretrained(
+        tmp_path / "dfa", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    ).eval()
+    # The gate projection is kept out of quantization (_keep_in_fp32_modules), so gates stay exactly 1.
+    assert type(quantized.transformer.h[0].attn.c_gate).__name__ == "Linear"
+    assert quantized.transformer.h[0].attn.c_gate.weight.dtype == torch.float32
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        got = quantized(input_ids=ids, attention_mask=mask).logits.float()
+        out = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, ids.shape[1] + 4)
+    real = mask.bool()
+    relative = (got[real] - reference[real]).norm() / reference[real].norm()
+    assert relative < 0.2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_gpt2_dir):
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir)
+        perturb(model)
+        model.train()
+        model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.transformer.h[0].attn.c_gate.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bert_checkpoint_is_refused():
+    from testing_utils import minilm_dir
+
+    with pytest.raises(ConversionError, match="'bert' checkpoint"):
+        convert_gpt2_to_dfa(minilm_dir())
+
+
+def test_unknown_option_is_refused(tiny_gpt2_dir):
+    with pytest.raises(TypeError, match="gate_mod"):
+        convert_gpt2_to_dfa(tiny_gpt2_dir, gate_mod="token")
+
+
+def test_invalid_config_values_name_the_field():
+    with pytest.raises(Exception, match=r"n_embd \(30\) must be divisible by n_head \(4\)"):
+        DFAConfig(n_embd=30, n_head=4)
+    with pytest.raises(Exception, match="gate_mode"):
+        DFAConfig(gate_mode="per-head")
+
+
+def test_input_longer_than_n_positions_is_refused(tiny_gpt2_dir):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir)
+    too_long = torch.zeros(1, model.config.n_positions + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="longer than n_positions=128"):
+        model(input_ids=too_long)
+
+
+def test_checkpoint_with_missing_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = save_tiny_gpt2(tmp_path / "broken")
+    state = load_file(base / "model.safetensors")
+    del state["transformer.h.1.mlp.c_fc.weight"]
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"missing: transformer\.h\.1\.mlp\.c_fc\.weight"):
+        convert_gpt2_to_dfa(base)
