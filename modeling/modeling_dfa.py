@@ -85,6 +85,8 @@ class DFAAttention(nn.Module):
 
     def gate_probs(self, hidden_states, first_token_index, past_key_values):
         """Softmax over heads: (batch, seq, n_head) per token, or (batch, 1, n_head) per sequence."""
+        # c_gate stays in float32 under quantization or half-precision loading (_keep_in_fp32_modules).
+        hidden_states = hidden_states.to(self.c_gate.weight.dtype)
         if self.config.gate_mode == "token":
             return torch.softmax(self.c_gate(hidden_states).float(), dim=-1)
         stored = getattr(past_key_values, "dfa_sequence_gates", {}) if past_key_values is not None else {}

@@ -303,6 +303,24 @@ def test_4bit_loading_runs_and_stays_close_to_float32(tmp_path):
     assert relative < 0.2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loading_generates(tiny_gpt2_dir, tmp_path, dtype):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir)
+    model.save_pretrained(tmp_path / "dfa")
+    half = DFAForCausalLM.from_pretrained(tmp_path / "dfa", dtype=dtype).eval()
+    assert half.transformer.wte.weight.dtype == dtype
+    if dtype == torch.float16:  # transformers keeps _keep_in_fp32_modules in float32 under float16 only
+        assert half.transformer.h[0].attn.c_gate.weight.dtype == torch.float32
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        got = half(input_ids=ids, attention_mask=mask).logits.float()
+        out = half.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, ids.shape[1] + 4)
+    real = mask.bool()
+    assert ((got[real] - reference[real]).norm() / reference[real].norm()).item() < 0.05
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_gpt2_dir):
     ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     grads = []
