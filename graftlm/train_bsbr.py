@@ -1,0 +1,146 @@
+"""Healing fine-tune of a converted GPT2-BSBR model on a text file, at lengths beyond chunk_size (Trainer-based).
+
+A converted model is GPT-2 restricted to attention inside each chunk; training on windows spanning several chunks
+teaches the retrieval term (gates, meta projections) and the rest of the network to use the earlier chunks.
+Runs on one device as `graftlm train bsbr ...`, or on several as `accelerate launch -m graftlm.train_bsbr ...`.
+The result is exported like a converted model (remote code, tokenizer, Hub-ready), with healing_metrics.json.
+"""
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Parameters BSBR adds to GPT-2; `--trainable retrieval` trains only these.
+RETRIEVAL_PARAMETERS = ("meta_r_proj", "meta_h_proj", "retrieval_gate", "compress_proj")
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Consecutive, non-overlapping windows of `seq_len` tokens; labels are the inputs (the model shifts them)."""
+
+    def __init__(self, ids, seq_len):
+        self.blocks = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+
+    def __len__(self):
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i):
+        block = self.blocks[i]
+        return {"input_ids": block, "attention_mask": torch.ones_like(block), "labels": block}
+
+
+def split_blocks(ids, seq_len, eval_fraction):
+    """(train, eval) TokenBlocks: the last `eval_fraction` of the tokens is held out."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    cut = int(ids.numel() * (1.0 - eval_fraction))
+    train, held_out = TokenBlocks(ids[:cut], seq_len), TokenBlocks(ids[cut:], seq_len)
+    if len(train) == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens: too few for one training window of {seq_len}")
+    if eval_fraction > 0 and len(held_out) == 0:
+        raise ValueError(f"the held-out {eval_fraction:.0%} of the text is shorter than one window of {seq_len} tokens")
+    return train, held_out
+
+
+def set_trainable(model, trainable):
+    """'all' trains every parameter; 'retrieval' only the parameters BSBR adds. Returns the trainable count."""
+    if trainable not in ("all", "retrieval"):
+        raise ValueError(f"trainable must be 'all' or 'retrieval', got {trainable!r}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable == "all" or any(part in name for part in RETRIEVAL_PARAMETERS))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="GPT2-BSBR folder or Hub id (from `graftlm convert bsbr`)")
+    parser.add_argument("--text", required=True, help="UTF-8 training text file")
+    parser.add_argument("--output-dir", required=True, help="folder for the healed, exported model")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="training window in tokens (default: 4 * chunk_size, at most n_positions)")
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per device and step")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of the text held out for evaluation")
+    parser.add_argument("--trainable", choices=["all", "retrieval"], default="all",
+                        help="train every weight, or only the retrieval modules BSBR adds")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")
+
+
+def main(args):
+    from transformers import Trainer, TrainingArguments
+
+    from .export import check_output_dir, export_model
+    from .inference import load_model_and_tokenizer
+
+    check_output_dir(args.output_dir, args.overwrite)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
+    if model.config.model_type != "gpt2_bsbr":
+        raise ValueError(f"{args.model} is a {model.config.model_type!r} model; `graftlm train bsbr` needs a GPT2-BSBR one")
+    config = model.config
+    seq_len = args.seq_len or min(4 * config.chunk_size, config.n_positions)
+    if not 2 <= seq_len <= config.n_positions:
+        raise ValueError(f"seq_len must be in [2, n_positions={config.n_positions}], got {seq_len}")
+    if seq_len <= config.chunk_size:
+        logger.warning("seq_len %d is no longer than chunk_size %d: the retrieval term gets no training signal",
+                       seq_len, config.chunk_size)
+    ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    train_set, eval_set = split_blocks(ids, seq_len, args.eval_fraction)
+    trainable = set_trainable(model, args.trainable)
+    logger.info("healing %s: %d trainable parameters, %d training windows of %d tokens", args.model, trainable,
+                len(train_set), seq_len)
+
+    with tempfile.TemporaryDirectory(prefix="bsbr-heal-") as work_dir:
+        training_args = TrainingArguments(
+            output_dir=work_dir,
+            max_steps=args.max_steps,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            learning_rate=args.learning_rate,
+            warmup_steps=args.warmup_steps,
+            lr_scheduler_type="cosine",
+            weight_decay=0.01,
+            logging_steps=args.logging_steps,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            seed=args.seed,
+        )
+        trainer = Trainer(model=model, args=training_args, train_dataset=train_set)
+        result = trainer.train()
+        metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": seq_len,
+                   "trainable": args.trainable, "trainable_parameters": trainable}
+        if len(eval_set):
+            eval_loss = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
+            metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
+        gates = torch.stack([block.attn.retrieval_gate.detach() for block in model.transformer.h])
+        metrics["mean_abs_retrieval_gate"] = gates.abs().mean().item()
+        if trainer.is_world_process_zero():
+            model.eval()
+            for param in model.parameters():
+                param.requires_grad_(True)
+            folder = export_model(model, args.output_dir, tokenizers={"": tokenizer}, overwrite=args.overwrite)
+            (folder / "healing_metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            print(json.dumps(metrics, indent=2))
+            print(f"exported to {folder}")
+    return metrics
+
+
+if __name__ == "__main__":  # accelerate launch -m graftlm.train_bsbr --model ... --text ... --output-dir ...
+    parser = argparse.ArgumentParser(prog="graftlm.train_bsbr", description=__doc__.splitlines()[0], allow_abbrev=False)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO)
+    main(parser.parse_args())
+    sys.exit(0)
