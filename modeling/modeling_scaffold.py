@@ -1,0 +1,425 @@
+"""Scaffolded GPT-2: a frozen base GPT-2 that reads a LoRA-adapted scaffold GPT-2 through gated cross-attention.
+
+The scaffold GPT-2 reads the prompt once; after each chosen base layer a fuser adds
+
+    h <- h + scaffold_weight * influence * tanh(gate) * CrossAttn(q = LN(h), k, v = scaffold states)
+
+(composition of a frozen anchor LM with an augmenting LM: CALM, Bansal et al. 2024, arXiv:2401.02412;
+zero-initialised tanh gate: Flamingo, Alayrac et al. 2022, arXiv:2204.14198). The gate starts at 0, so a
+converted model computes exactly what the base GPT-2 computed, and so does any model at scaffold_weight = 0.
+
+Both GPT-2s keep their own parameter names (base.transformer.h.N.*, scaffold.transformer.h.N.*); the fusers
+live in fusers.<layer>.*. The scaffold's tokens are aligned with the base's: scaffold token j sits at base
+position j, and base position i reads scaffold tokens j <= i only, so the model stays a causal LM even when the
+scaffold reads the whole input. Normally the scaffold reads the prompt, a prefix of the base's input; at
+generation every new token reads the whole prompt, whose scaffold states are computed once and kept.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, GPT2LMHeadModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
+from transformers.utils import TransformersKwargs, cached_file
+
+from ..configuration.configuration_scaffold import ScaffoldConfig
+from .scaffold_lora import (
+    ADAPTER_SUBFOLDER,
+    ADAPTER_WEIGHTS,
+    attach_lora,
+    load_adapter,
+    lora_detached,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+)
+
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+@dataclass
+class ScaffoldContext:
+    """Scaffold states of one prompt and each fuser's projected keys/values: the static cross-attention cache."""
+
+    states: torch.Tensor  # (batch, scaffold_len, scaffold n_embd)
+    mask: torch.Tensor | None  # (batch, scaffold_len), 1 = real token
+    source: object = None  # the tensor the states came from, to recognise later calls of the same generate
+    kv: dict = field(default_factory=dict)  # fuser layer -> (key, value), each (batch, heads, scaffold_len, head_dim)
+
+
+class ScaffoldFuser(nn.Module):
+    """Gated multi-head cross-attention from base states (queries) to scaffold states (keys and values)."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        width, scaffold_width = config.base_config.n_embd, config.scaffold_config.n_embd
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_causal = False
+        self.num_heads = config.fuser_heads
+        self.head_dim = width // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.ln = nn.LayerNorm(width, eps=config.base_config.layer_norm_epsilon)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(scaffold_width, width)  # projects the scaffold's width onto the base's
+        self.v_proj = nn.Linear(scaffold_width, width)
+        self.o_proj = nn.Linear(width, width)
+        self.gate = nn.Parameter(torch.zeros(1))  # tanh(0) = 0: no influence until training opens it
+
+    def project(self, states):
+        """Scaffold states (batch, len, scaffold width) -> keys and values, each (batch, heads, len, head_dim)."""
+        batch, length, _ = states.shape
+        k = self.k_proj(states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, hidden_states, key, value, attention_mask, has_key, weight):
+        """hidden_states (batch, seq, width); attention_mask additive (batch, 1, seq, scaffold_len);
+        has_key (batch, seq): False where a position sees no scaffold token (its update is zeroed)."""
+        batch, seq, width = hidden_states.shape
+        q = self.q_proj(self.ln(hidden_states)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        attention = eager_attention_forward
+        if self.config._attn_implementation not in (None, "eager"):
+            attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, _ = attention(self, q, key, value, attention_mask, dropout=0.0, scaling=self.scaling)  # (b, seq, h, d)
+        out = self.o_proj(out.reshape(batch, seq, width)) * has_key[..., None].to(out.dtype)
+        return hidden_states + (weight * self.config.influence) * torch.tanh(self.gate).to(out.dtype) * out
+
+
+class ScaffoldPreTrainedModel(PreTrainedModel):
+    config: ScaffoldConfig
+    config_class = ScaffoldConfig
+    base_model_prefix = ""
+    _no_split_modules = ["GPT2Block", "ScaffoldFuser"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, ScaffoldFuser):
+            std = self.config.base_config.initializer_range
+            for linear in (module.q_proj, module.k_proj, module.v_proj, module.o_proj):
+                init.normal_(linear.weight, mean=0.0, std=std)
+                init.zeros_(linear.bias)
+            init.ones_(module.ln.weight)
+            init.zeros_(module.ln.bias)
+            init.zeros_(module.gate)  # identity at conversion (Flamingo's tanh gate at 0)
+
+
+def _check_weight(scaffold_weight):
+    weight = 1.0 if scaffold_weight is None else scaffold_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"scaffold_weight must be a number in [0, 1], got {scaffold_weight!r}")
+    return float(weight)
+
+
+def _positions_from_mask(mask):
+    """Position ids that skip padding: 0, 1, 2, ... over the real tokens of each row."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
+    def __init__(self, config):
+        super().__init__(config)
+        self.base = GPT2LMHeadModel(config.base_config)
+        self.scaffold = GPT2LMHeadModel(config.scaffold_config)
+        self.fusers = nn.ModuleDict({str(i): ScaffoldFuser(config, i) for i in config.cross_attn_layers})
+        self.post_init()
+        self._set_trainable()
+
+    def get_input_embeddings(self):
+        return self.base.transformer.wte
+
+    def get_output_embeddings(self):
+        return self.base.lm_head
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.base.eval()  # the frozen base runs without dropout, as in the seed
+        return self
+
+    # ----- LoRA on the scaffold -----
+
+    def has_lora(self):
+        return bool(lora_layers(self.scaffold))
+
+    def add_lora(self):
+        """Attach fresh LoRA adapters (config's r, alpha, dropout, targets) to the scaffold; B = 0, so nothing changes."""
+        attach_lora(self.scaffold, self.config)
+        self._set_trainable()
+        return self
+
+    def merge_lora(self):
+        """Fold the adapters into the scaffold's weights: plain GPT-2 names again, no peft needed to load."""
+        merge_lora(self.scaffold)
+        self.config.scaffold_adapter = None
+        self._set_trainable()
+        return self
+
+    def _set_trainable(self):
+        """Only LoRA parameters, and the fusers when config.train_fuser, require grad; the base never does."""
+        for name, param in self.named_parameters():
+            is_lora = name.startswith("scaffold.") and ".lora_" in name
+            param.requires_grad_(is_lora or (name.startswith("fusers.") and self.config.train_fuser))
+
+    def gate_values(self):
+        """{base layer: tanh(gate)} of every fuser."""
+        return {int(i): torch.tanh(f.gate.detach()).item() for i, f in self.fusers.items()}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """With LoRA attached, the scaffold's plain weights go into the main checkpoint and the adapter, apart,
+        into <save_directory>/scaffold_adapter (peft's format); from_pretrained attaches it again."""
+        if not self.has_lora():
+            self.config.scaffold_adapter = None
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        for key in ("state_dict", "push_to_hub"):
+            if kwargs.get(key):
+                raise ValueError(f"save_pretrained({key}=...) is not supported while LoRA is attached; merge_lora() first")
+        self.config.scaffold_adapter = ADAPTER_SUBFOLDER
+        with lora_detached(self.scaffold):
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        save_adapter(self.scaffold, self.config, f"{save_directory}/{ADAPTER_SUBFOLDER}")
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.config.scaffold_adapter:
+            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            prefix = f"{hub_kwargs.pop('subfolder')}/" if hub_kwargs.get("subfolder") else ""
+            weights = cached_file(
+                pretrained_model_name_or_path, f"{prefix}{model.config.scaffold_adapter}/{ADAPTER_WEIGHTS}", **hub_kwargs
+            )
+            attach_lora(model.scaffold, model.config)
+            model.scaffold.to(next(model.base.parameters()).device)
+            load_adapter(model.scaffold, weights)
+        model._set_trainable()
+        return loaded
+
+    # ----- forward -----
+
+    def scaffold_states(self, input_ids, attention_mask=None):
+        """The scaffold GPT-2's final hidden states (after ln_f), (batch, len, scaffold n_embd)."""
+        if input_ids.shape[1] > self.config.scaffold_config.n_positions:
+            raise ValueError(
+                f"the scaffold reads {input_ids.shape[1]} tokens, more than its n_positions="
+                f"{self.config.scaffold_config.n_positions}"
+            )
+        positions = _positions_from_mask(attention_mask) if attention_mask is not None else None
+        out = self.scaffold.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def _scaffold_context(self, input_ids, attention_mask, scaffold_input_ids, scaffold_attention_mask,
+                          scaffold_states, past_key_values, past_length):
+        stored = getattr(past_key_values, "scaffold_context", None)
+        given = scaffold_states if scaffold_states is not None else scaffold_input_ids
+        if scaffold_states is not None and scaffold_input_ids is not None:
+            raise ValueError("pass scaffold_input_ids or scaffold_states, not both")
+        if stored is not None and past_length > 0:
+            if given is not None and given is not stored.source:
+                raise ValueError(
+                    "past_key_values already holds the scaffold states of its prompt; pass new scaffold inputs "
+                    "only with an empty cache"
+                )
+            return stored
+        if scaffold_states is not None:
+            states, mask = scaffold_states, scaffold_attention_mask
+        else:
+            if scaffold_input_ids is None:
+                if past_length > 0:
+                    raise ValueError("the cache holds no scaffold states: pass scaffold_input_ids or scaffold_states")
+                if input_ids is None:
+                    raise ValueError("with inputs_embeds, pass scaffold_input_ids or scaffold_states")
+                scaffold_input_ids = input_ids
+                scaffold_attention_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+            states, mask = self.scaffold_states(scaffold_input_ids, scaffold_attention_mask), scaffold_attention_mask
+        if mask is not None and mask.shape != states.shape[:2]:
+            raise ValueError(f"scaffold_attention_mask {tuple(mask.shape)} does not match the scaffold states {tuple(states.shape[:2])}")
+        context = ScaffoldContext(states, mask, source=given)
+        if past_key_values is not None:
+            past_key_values.scaffold_context = context
+        return context
+
+    @staticmethod
+    def _cross_mask(context, batch, seq, past_length, dtype):
+        """Additive mask (batch, 1, seq, scaffold_len): base position i reads real scaffold tokens j <= i."""
+        length = context.states.shape[1]
+        device = context.states.device
+        query_pos = torch.arange(past_length, past_length + seq, device=device)
+        visible = torch.arange(length, device=device)[None, :] <= query_pos[:, None]  # (seq, scaffold_len)
+        visible = visible[None].expand(batch, seq, length)
+        if context.mask is not None:
+            visible = visible & context.mask.bool()[:, None, :]
+        additive = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+        return additive[:, None], visible.any(-1)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        scaffold_input_ids=None,
+        scaffold_attention_mask=None,
+        scaffold_states=None,
+        scaffold_weight=None,
+        logits_to_keep=0,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        """Causal-LM forward of the base GPT-2 with the scaffold fused in.
+
+        scaffold_input_ids / scaffold_attention_mask: what the scaffold reads (default: input_ids itself).
+        scaffold_states: precomputed scaffold states instead (generate passes them), with scaffold_attention_mask.
+        scaffold_weight: in [0, 1], scales every fuser (default 1); 0 skips the scaffold and gives the base exactly.
+        """
+        unknown = sorted(set(kwargs) - set(TransformersKwargs.__optional_keys__))
+        if unknown:
+            raise TypeError(f"ScaffoldForCausalLM.forward got unknown argument(s): {', '.join(unknown)}")
+        loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        weight = _check_weight(scaffold_weight)
+        gpt2 = self.base.transformer
+        if inputs_embeds is None:
+            inputs_embeds = gpt2.wte(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        use_cache = use_cache if use_cache is not None else (self.config.base_config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.base_config)
+        if not use_cache:
+            past_key_values = None
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length + seq > self.config.base_config.n_positions:
+            raise ValueError(
+                f"input of {past_length + seq} positions ({past_length} cached + {seq} new) is longer than the "
+                f"base's n_positions={self.config.base_config.n_positions}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)[None, :]
+        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] != past_length + seq:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} positions, expected {past_length + seq} "
+                f"({past_length} cached + {seq} new)"
+            )
+
+        context = cross_mask = has_key = None
+        if weight > 0:
+            context = self._scaffold_context(
+                input_ids, attention_mask, scaffold_input_ids, scaffold_attention_mask,
+                scaffold_states, past_key_values, past_length,
+            )
+            if context.states.shape[0] != batch:
+                raise ValueError(f"scaffold batch {context.states.shape[0]} != input batch {batch}")
+            cross_mask, has_key = self._cross_mask(context, batch, seq, past_length, inputs_embeds.dtype)
+
+        causal_mask = create_causal_mask(
+            config=self.config.base_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        # GPT2Model.forward, with a fuser after each chosen block.
+        hidden_states = gpt2.drop(inputs_embeds + gpt2.wpe(position_ids))
+        all_hidden = []
+        for i, block in enumerate(gpt2.h):
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            cache = past_key_values if not (gpt2.gradient_checkpointing and self.training) else None
+            hidden_states = block(hidden_states, cache, causal_mask, None, use_cache=use_cache, position_ids=position_ids)
+            fuser = self.fusers[str(i)] if str(i) in self.fusers else None
+            if fuser is not None and context is not None:
+                if i not in context.kv:
+                    context.kv[i] = fuser.project(context.states.to(hidden_states.dtype))
+                hidden_states = fuser(hidden_states, *context.kv[i], cross_mask, has_key, weight)
+        hidden_states = gpt2.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+
+        if isinstance(logits_to_keep, int):
+            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            kept = hidden_states[:, logits_to_keep]
+        logits = self.base.lm_head(kept)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.base_config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+
+    # ----- generation -----
+
+    def generate(self, inputs=None, generation_config=None, scaffold_weight=None, truncate_repeats=None, **kwargs):
+        """GenerationMixin.generate with the scaffold reading the prompt once.
+
+        scaffold_weight: in [0, 1] (default 1), reaches every forward; 0 gives the base's own generations.
+        truncate_repeats: n (the seed used 3) cuts each continuation before the first n-gram it repeats, filling
+            the rest with the pad token; no_repeat_ngram_size and every other generate option pass through.
+        scaffold_input_ids / scaffold_attention_mask: what the scaffold reads instead of the prompt.
+        """
+        weight = _check_weight(scaffold_weight)
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if truncate_repeats is not None and (isinstance(truncate_repeats, bool) or not isinstance(truncate_repeats, int)
+                                             or truncate_repeats < 1):
+            raise ValueError(f"truncate_repeats must be a positive integer n-gram size, got {truncate_repeats!r}")
+        if weight > 0 and kwargs.get("scaffold_states") is None:
+            scaffold_ids = kwargs.pop("scaffold_input_ids", None)
+            scaffold_mask = kwargs.pop("scaffold_attention_mask", None)
+            if scaffold_ids is None:
+                if input_ids is None:
+                    raise ValueError("generate needs input_ids (or scaffold_input_ids) for the scaffold to read")
+                scaffold_ids, scaffold_mask = input_ids, kwargs.get("attention_mask")
+            with torch.no_grad():
+                kwargs["scaffold_states"] = self.scaffold_states(scaffold_ids, scaffold_mask)
+            kwargs["scaffold_attention_mask"] = scaffold_mask
+        kwargs["scaffold_weight"] = weight
+        output = super().generate(inputs, generation_config, **kwargs)
+        if truncate_repeats is None:
+            return output
+        config = generation_config or self.generation_config
+        pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        if isinstance(pad_id, (list, tuple)):
+            pad_id = pad_id[0]
+        if pad_id is None:
+            raise ValueError("truncate_repeats needs a pad_token_id (or eos_token_id) to fill the cut continuations")
+        prompt_length = input_ids.shape[1] if input_ids is not None else 0
+        if isinstance(output, torch.Tensor):
+            return truncate_repeated_ngrams(output, prompt_length, truncate_repeats, pad_id)
+        output.sequences = truncate_repeated_ngrams(output.sequences, prompt_length, truncate_repeats, pad_id)
+        return output
+
+
+def truncate_repeated_ngrams(sequences, prompt_length, n, pad_id):
+    """Cut each row's continuation (after `prompt_length`) before the first n-gram that already occurred in it."""
+    sequences = sequences.clone()
+    for row in sequences:
+        continuation = row[prompt_length:].tolist()
+        seen = set()
+        for start in range(len(continuation) - n + 1):
+            gram = tuple(continuation[start : start + n])
+            if gram in seen:
+                row[prompt_length + start :] = pad_id
+                break
+            seen.add(gram)
+    return sequences
+
+
+__all__ = ["ScaffoldForCausalLM", "ScaffoldPreTrainedModel", "ScaffoldFuser"]
