@@ -1,0 +1,378 @@
+"""GPT2-BSBR: parity with GPT-2, causality, cache == no-cache, padding, save/export/remote code, errors, training."""
+
+import json
+
+import pytest
+import torch
+from testing_utils import minilm_dir, run_without_graftlm, save_tiny_gpt2
+from transformers import AutoModelForCausalLM, DynamicCache, GPT2LMHeadModel
+
+import graftlm  # noqa: F401  registers the architectures
+from graftlm.cli import main as cli_main
+from graftlm.configuration.configuration_bsbr import BSBRConfig
+from graftlm.conversion.bsbr import TransformerToBSBRConverter, convert_gpt2_to_bsbr, convert_to_bsbr, model_card
+from graftlm.conversion.common import ConversionError
+from graftlm.export import export_model
+from graftlm.modeling.modeling_bsbr import BSBRForCausalLM
+
+CHUNK = 8  # tiny chunks, so short inputs cross several chunk boundaries
+VOCAB = 50257
+# Two tiny GPT-2s: 4 heads of 8 dims, and 3 heads of 16 dims with 3 layers.
+GPT2_CONFIGS = {"4heads": dict(n_head=4, n_embd=32), "3heads": dict(n_head=3, n_embd=48, n_layer=3)}
+
+
+@pytest.fixture(scope="module", params=list(GPT2_CONFIGS))
+def base(request, tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), seed=1, **GPT2_CONFIGS[request.param])
+
+
+@pytest.fixture(scope="module")
+def base4(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2_4heads"), seed=2, **GPT2_CONFIGS["4heads"])
+
+
+def trained(base, seed=0, **options):
+    """A converted model moved away from its conversion point, as healing would: non-zero gates and perturbed
+    meta/compression projections, so the retrieval term contributes to every output."""
+    model, _ = convert_gpt2_to_bsbr(base, **{"chunk_size": CHUNK, **options})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("retrieval_gate"):
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+            elif "meta_" in name or "compress_proj" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def padded_batch(seq, pads=(0, 3, 11), seed=0):
+    """Rows of `seq` slots, row r left-padded with pads[r] zeros; position ids as generate() builds them."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(pads), seq), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def block_diagonal_reference(stock, ids, chunk):
+    """Stock GPT-2 whose attention is restricted, by a 4-D additive mask, to causal attention inside each chunk."""
+    pos = torch.arange(ids.shape[1])
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] // chunk == pos[:, None] // chunk)
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return stock(input_ids=ids, attention_mask=mask[None, None]).logits
+
+
+@pytest.mark.parametrize("compression_factor", [None, 2])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_equals_stock_gpt2_on_inputs_no_longer_than_a_chunk(base, compression_factor, attn_implementation):
+    stock = GPT2LMHeadModel.from_pretrained(base, attn_implementation=attn_implementation).eval()
+    model, report = convert_gpt2_to_bsbr(base, chunk_size=CHUNK, compression_factor=compression_factor)
+    ids, mask, _ = padded_batch(CHUNK, pads=(0, 3))
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max().item() <= 1e-4
+    assert report.chunk_delta <= 1e-4 and report.block_delta <= 1e-4
+
+
+def test_gate_zero_equals_block_diagonal_gpt2_at_any_length(base):
+    stock = GPT2LMHeadModel.from_pretrained(base, attn_implementation="eager").eval()
+    model, _ = convert_gpt2_to_bsbr(base, chunk_size=CHUNK, compression_factor=2)
+    ids, _, _ = padded_batch(5 * CHUNK + 3, pads=(0, 0))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        reference = block_diagonal_reference(stock, ids, CHUNK)
+        full = stock(input_ids=ids).logits
+    assert (got - reference).abs().max().item() <= 1e-4
+    # The restriction is real: after the first chunk the converted model is no longer full GPT-2.
+    assert (got[:, :CHUNK] - full[:, :CHUNK]).abs().max().item() <= 1e-4
+    assert (got[:, CHUNK:] - full[:, CHUNK:]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("compression_factor", [None, 2])
+def test_changing_a_token_changes_no_earlier_output(base, compression_factor):
+    model = trained(base, compression_factor=compression_factor)
+    ids, _, _ = padded_batch(4 * CHUNK + 2, pads=(0,))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for t in (1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 2 * CHUNK, 2 * CHUNK + 1, 3 * CHUNK):
+            changed = ids.clone()
+            changed[0, t] = (changed[0, t] + 1234) % VOCAB
+            after = model(input_ids=changed).logits
+            assert (after[:, :t] - before[:, :t]).abs().max().item() == 0.0, f"token {t} changed an earlier output"
+            assert (after[:, t:] - before[:, t:]).abs().max().item() > 1e-4
+
+
+def test_retrieval_carries_earlier_chunks_only_when_the_gate_is_open(base4):
+    model = trained(base4)
+    ids, _, _ = padded_batch(3 * CHUNK, pads=(0,))
+    changed = ids.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % VOCAB  # a token of chunk 0
+    with torch.no_grad():
+        later = slice(2 * CHUNK, 3 * CHUNK)  # chunk 2 reads chunk 0 only through retrieval
+        assert (model(input_ids=changed).logits[:, later] - model(input_ids=ids).logits[:, later]).abs().max() > 1e-4
+        for block in model.transformer.h:
+            block.attn.retrieval_gate.zero_()
+        assert torch.equal(model(input_ids=changed).logits[:, later], model(input_ids=ids).logits[:, later])
+
+
+def step_by_step(model, ids, mask, positions, prefill, then=1):
+    """Logits from a prefill of `prefill` slots, then chunks of `then` slots, through the cache."""
+    out = model(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill],
+                use_cache=True)
+    logits = [out.logits]
+    for t in range(prefill, ids.shape[1], then):
+        end = min(t + then, ids.shape[1])
+        out = model(input_ids=ids[:, t:end], attention_mask=mask[:, :end], position_ids=positions[:, t:end],
+                    past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1), out.past_key_values
+
+
+@pytest.mark.parametrize("compression_factor", [None, 2])
+@pytest.mark.parametrize("prefill,then", [(1, 1), (5, 1), (CHUNK, 1), (13, 7)])
+def test_cached_decoding_equals_full_forward_on_a_left_padded_batch(base, compression_factor, prefill, then):
+    model = trained(base, compression_factor=compression_factor)
+    ids, mask, positions = padded_batch(5 * CHUNK + 3)  # row 2 is all padding during a 5-slot prefill
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        stepwise, cache = step_by_step(model, ids, mask, positions, prefill, then)
+    real = mask.bool()
+    assert (stepwise[real] - full[real]).abs().max().item() <= 1e-4
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_padding_changes_nothing_for_real_tokens(base4):
+    model = trained(base4, compression_factor=2)
+    ids, mask, positions = padded_batch(4 * CHUNK + 1)
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        other_pad_ids = ids.masked_fill(~mask.bool(), 777)
+        repadded = model(input_ids=other_pad_ids, attention_mask=mask, position_ids=positions).logits
+        for row in range(ids.shape[0]):
+            first = int(mask[row].argmax())
+            alone = model(input_ids=ids[row : row + 1, first:]).logits[0]
+            assert (padded[row, first:] - alone).abs().max().item() <= 1e-4
+            assert (repadded[row, first:] - alone).abs().max().item() <= 1e-4
+
+
+def test_generate_cached_equals_uncached_and_each_row_alone(base4):
+    model = trained(base4)
+    ids, mask, _ = padded_batch(CHUNK + 4, pads=(0, 5))
+    kwargs = dict(max_new_tokens=3 * CHUNK, pad_token_id=0)  # crosses three chunk boundaries
+    with torch.no_grad():
+        greedy = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
+        assert torch.equal(greedy, model.generate(input_ids=ids, attention_mask=mask, do_sample=False, use_cache=False,
+                                                  **kwargs))
+        for row in range(2):
+            first = int(mask[row].argmax())
+            alone = model.generate(input_ids=ids[row : row + 1, first:], do_sample=False, **kwargs)
+            assert torch.equal(greedy[row, first:], alone[0])
+        sampled = []
+        for use_cache in (True, False):
+            torch.manual_seed(0)
+            sampled.append(model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=20,
+                                          use_cache=use_cache, **kwargs))
+        assert torch.equal(*sampled)
+        beams = [model.generate(input_ids=ids, attention_mask=mask, num_beams=2, do_sample=False, use_cache=use_cache,
+                                **kwargs) for use_cache in (True, False)]
+        assert torch.equal(*beams)
+
+
+def test_cache_grows_by_one_state_per_completed_chunk(base4):
+    model = trained(base4, compression_factor=2)
+    config = model.config
+    sizes = {}
+    with torch.no_grad():
+        for n in (2 * CHUNK, 6 * CHUNK, 14 * CHUNK):
+            ids, _, _ = padded_batch(n, pads=(0, 0))
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+            sizes[n] = cache.nbytes()
+            assert all(layer.k_buf.shape[2] == CHUNK for layer in cache.layers)  # keys kept for one chunk only
+    d, s = config.head_dim, config.state_dim
+    per_chunk = config.n_layer * 2 * config.n_head * (s * d + s + d) * 4  # F_j, z_j, H_j in float32, batch of 2
+    assert sizes[6 * CHUNK] - sizes[2 * CHUNK] == 4 * per_chunk
+    assert sizes[14 * CHUNK] - sizes[6 * CHUNK] == 8 * per_chunk
+
+
+def test_save_and_load_give_identical_logits(base4, tmp_path):
+    model = trained(base4, compression_factor=2)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, BSBRForCausalLM) and loaded.config.compression_factor == 2
+    ids, mask, positions = padded_batch(3 * CHUNK + 5)
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        b = loaded(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert torch.equal(a, b)
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # tied
+
+
+def test_exported_folder_loads_without_graftlm_and_generates_the_same_tokens(base4, tmp_path):
+    from transformers import AutoTokenizer
+
+    model, report = convert_gpt2_to_bsbr(base4, chunk_size=CHUNK, compression_factor=2)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.retrieval_gate.fill_(0.8)
+    folder = export_model(model, tmp_path / "export", tokenizers={"": AutoTokenizer.from_pretrained(base4)},
+                          card=model_card(report, "someone/gpt2-bsbr", model.config))
+    card = (folder / "README.md").read_text()
+    assert f"**{report.chunk_delta:.3g}**" in card and "library_name: transformers" in card
+    assert "base_model:" in card and "pipeline_tag: text-generation" in card
+    ids, mask, _ = padded_batch(CHUNK + 3, pads=(0, 4))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2 * CHUNK, do_sample=False,
+                                  pad_token_id=0)
+    result = run_without_graftlm(
+        f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens={2 * CHUNK}, do_sample=False,
+                             pad_token_id=0)
+        print(json.dumps({{"module": type(model).__module__, "tokens": out.tolist()}}))
+        """,
+        tmp_path,
+    )
+    assert result["module"].startswith("transformers_modules.")
+    assert result["tokens"] == expected.tolist()
+
+
+def test_new_modules_start_from_gpt2_weights(base4):
+    model = convert_to_bsbr(str(base4), chunk_size=CHUNK, compression_factor=2)
+    stock = GPT2LMHeadModel.from_pretrained(base4)
+    n = model.config.n_embd
+    for block, stock_block in zip(model.transformer.h, stock.transformer.h):
+        w_q, w_k, w_v = stock_block.attn.c_attn.weight.split(n, dim=1)
+        torch.testing.assert_close(block.attn.meta_r_proj.weight, (w_q + w_k) / 2)
+        torch.testing.assert_close(block.attn.meta_h_proj.weight, (w_k + w_v) / 2)
+        assert torch.equal(block.attn.retrieval_gate, torch.zeros(model.config.n_head))
+        # compression: each state feature averages two consecutive key dimensions
+        x = torch.randn(3, model.config.head_dim)
+        torch.testing.assert_close(block.attn.compress_proj(x), x.view(3, -1, 2).mean(-1))
+
+
+def test_seed_api_shape(base4):
+    converter = TransformerToBSBRConverter(chunk_size=CHUNK, compression_factor=2)
+    model = converter.convert_pretrained_model(str(base4))
+    assert isinstance(model, BSBRForCausalLM) and (converter.chunk_size, converter.compression_factor) == (CHUNK, 2)
+    assert converter.report.chunk_delta <= 1e-4
+    assert model.config.model_type == "gpt2_bsbr" and model.config.compression_factor == 2
+
+
+def test_raised_n_positions_tiles_the_learned_table_and_runs_longer_inputs(base4):
+    model, report = convert_gpt2_to_bsbr(base4, chunk_size=CHUNK, n_positions=300)
+    stock = GPT2LMHeadModel.from_pretrained(base4)
+    old = stock.transformer.wpe.weight
+    new = model.transformer.wpe.weight
+    assert new.shape[0] == 300 and report.n_positions == 300
+    assert torch.equal(new[:128], old) and torch.equal(new[128:256], old) and torch.equal(new[256:], old[:44])
+    ids, _, _ = padded_batch(290, pads=(0,))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_gradients_reach_the_gate_at_conversion_and_the_projections_once_it_opens(base4):
+    model, _ = convert_gpt2_to_bsbr(base4, chunk_size=CHUNK)
+    ids, _, _ = padded_batch(3 * CHUNK, pads=(0, 0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    attn = model.transformer.h[0].attn
+    assert attn.retrieval_gate.grad.abs().min() > 0
+    assert attn.meta_h_proj.weight.grad.abs().max() == 0  # the gate is 0: retrieval does not reach the loss yet
+    model.zero_grad()
+    with torch.no_grad():
+        attn.retrieval_gate.fill_(0.5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert attn.meta_h_proj.weight.grad.abs().max() > 0 and attn.meta_r_proj.weight.grad.abs().max() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base4):
+    model = trained(base4)
+    model.train()
+    model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids, _, _ = padded_batch(3 * CHUNK, pads=(0, 0))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_cli_convert_then_train_heals_and_exports(base4, tmp_path):
+    text = tmp_path / "text.txt"
+    from graftlm.demo import offline_text
+
+    text.write_text(offline_text()[:40000], encoding="utf-8")
+    converted, healed = tmp_path / "converted", tmp_path / "healed"
+    assert cli_main(["convert", "bsbr", "--base", str(base4), "--output-dir", str(converted), "--chunk-size", "16",
+                     "--compression-factor", "2", "--n-positions", "256"]) == 0
+    config = json.loads((converted / "config.json").read_text())
+    assert (config["chunk_size"], config["compression_factor"], config["n_positions"]) == (16, 2, 256)
+    assert cli_main(["train", "bsbr", "--model", str(converted), "--text", str(text), "--output-dir", str(healed),
+                     "--max-steps", "4", "--batch-size", "2", "--seq-len", "64", "--learning-rate", "1e-2"]) == 0
+    metrics = json.loads((healed / "healing_metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["seq_len"] == 64 and metrics["mean_abs_retrieval_gate"] > 0
+    model = AutoModelForCausalLM.from_pretrained(healed)
+    assert isinstance(model, BSBRForCausalLM)
+    assert model.transformer.h[0].attn.retrieval_gate.abs().max() > 0
+
+
+# ---- bad input: each a clear error naming the problem ----
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4])
+def test_non_positive_chunk_size_is_refused(base4, chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        convert_gpt2_to_bsbr(base4, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="chunk_size"):
+        TransformerToBSBRConverter(chunk_size=chunk_size)
+    with pytest.raises(Exception, match="chunk_size must be a positive integer"):
+        BSBRConfig(n_embd=32, n_head=4, chunk_size=chunk_size)
+
+
+def test_compression_factor_that_does_not_divide_the_state_is_refused(base4):
+    with pytest.raises(ValueError, match=r"compression_factor \(3\) must divide .* head_dim .* = 8"):
+        convert_gpt2_to_bsbr(base4, chunk_size=CHUNK, compression_factor=3)
+    assert cli_main(["convert", "bsbr", "--base", str(base4), "--output-dir", "/nonexistent/never",
+                     "--compression-factor", "3"]) == 2
+
+
+def test_non_gpt2_checkpoint_is_refused():
+    with pytest.raises(ConversionError, match="'bert' checkpoint"):
+        convert_to_bsbr(str(minilm_dir()), chunk_size=CHUNK)
+
+
+def test_input_longer_than_n_positions_is_refused(base4):
+    model, _ = convert_gpt2_to_bsbr(base4, chunk_size=CHUNK)
+    with pytest.raises(ValueError, match="n_positions=128"):
+        model(input_ids=torch.zeros(1, 129, dtype=torch.long))
+    cache = model(input_ids=torch.zeros(1, 120, dtype=torch.long), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"120 cached \+ 9 new"):
+        model(input_ids=torch.zeros(1, 9, dtype=torch.long), past_key_values=cache)
+
+
+def test_other_bad_options_and_inputs_are_refused(base4):
+    with pytest.raises(TypeError, match="unknown BSBR option"):
+        convert_gpt2_to_bsbr(base4, chunk_sise=8)
+    with pytest.raises(ValueError, match="n_positions"):
+        convert_gpt2_to_bsbr(base4, n_positions=64)
+    with pytest.raises(ValueError, match="feature_map"):
+        convert_gpt2_to_bsbr(base4, feature_map="relu")
+    model, _ = convert_gpt2_to_bsbr(base4, chunk_size=CHUNK)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=ids, output_attentions=True)
+    with pytest.raises(TypeError, match="BSBRCache"):
+        model(input_ids=ids, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(input_ids=ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
