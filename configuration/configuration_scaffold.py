@@ -21,6 +21,7 @@ class ScaffoldConfig(PreTrainedConfig):
     train_fuser: the fusers train with the adapters (True) or stay frozen at their initialisation (False, the seed).
     scaffold_adapter: subfolder holding a separately saved LoRA adapter; set by save_pretrained, None when the
         scaffold's weights are plain GPT-2 weights (converted, or LoRA merged).
+    base_name_or_path, scaffold_name_or_path: where the two GPT-2s came from (model card provenance).
     """
 
     model_type = "gpt2_scaffold"
@@ -37,6 +38,8 @@ class ScaffoldConfig(PreTrainedConfig):
     lora_target_modules: list | None = None
     train_fuser: bool = True
     scaffold_adapter: str | None = None
+    base_name_or_path: str | None = None
+    scaffold_name_or_path: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

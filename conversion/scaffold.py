@@ -47,6 +47,8 @@ class ConversionReport:
     max_abs_logit_delta: float
     num_parameters: int
     new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
+    training: str = "Not trained yet: the gates are closed and the scaffold carries no adapters. Train with " \
+        "`graftlm train scaffold`."
 
 
 def _reject_unknown(options):
@@ -67,6 +69,8 @@ def scaffold_config_from_gpt2(base_config, scaffold_config, cross_attn_layers, *
             base_config=_sub_config(base_config),
             scaffold_config=_sub_config(scaffold_config),
             cross_attn_layers=list(cross_attn_layers),
+            base_name_or_path=str(base_config._name_or_path),
+            scaffold_name_or_path=str(scaffold_config._name_or_path),
             **{**OPTIONS, **options},
         )
     except StrictDataclassError as err:
@@ -130,6 +134,7 @@ def model_card(report, repo_id):
         "fidelity": f"{report.max_abs_logit_delta:.3g}",
         "num_parameters": f"{report.num_parameters:,}",
         "new_modules": new_modules,
+        "training": report.training,
         "repo_id": repo_id,
     }
     return "scaffold", metadata, fields
