@@ -235,12 +235,15 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
             ce_loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
-            denominator = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
-            ce_loss = ce_loss / torch.as_tensor(denominator, device=ce_loss.device).clamp_min(1)
-            loss = ce_loss
+            tokens = (labels != -100).sum()
+            # Trainer passes the label count of the whole accumulated batch (num_items_in_batch) and then does not
+            # average over accumulation steps: both terms are scaled by this micro-batch's share of the labels.
+            share = 1.0 if num_items_in_batch is None else tokens / torch.as_tensor(num_items_in_batch, device=tokens.device).clamp_min(1)
+            ce_loss = ce_loss / tokens.clamp_min(1)
+            loss = ce_loss * share
             if self.controls is not None:
                 control_loss = self.control_loss(decoder.logits, labels, encoder_outputs)
-                loss = ce_loss + self.config.control_loss_weight * control_loss
+                loss = loss + self.config.control_loss_weight * control_loss * share
 
         return BridgeSeq2SeqLMOutput(
             loss=loss,
@@ -285,7 +288,9 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
             raise ValueError(f"adaptive_decoding=True sets the temperature and top-k itself; do not pass {clashing}")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         encoder_outputs = kwargs.pop("encoder_outputs", None)
-        if encoder_outputs is None:
+        if encoder_outputs is not None:  # generate expands it in place: leave the caller's object as it was
+            encoder_outputs = type(encoder_outputs)(**encoder_outputs)
+        else:
             encoder_outputs = self.encode(input_ids, kwargs.get("attention_mask"), kwargs.get("token_type_ids"),
                                           kwargs.pop("inputs_embeds", None))
         config = kwargs.get("generation_config", self.generation_config)
