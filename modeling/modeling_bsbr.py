@@ -104,8 +104,9 @@ class BSBRAttention(nn.Module):
         chunk = self.chunk
         n_chunks = -(-n // chunk) + (1 if layer_state is not None and n % chunk == 0 else 0)  # room for the open chunk
         pad = n_chunks * chunk - n
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        x, valid = F.pad(x, (0, 0, 0, pad)), F.pad(valid, (0, pad))
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            x, valid = F.pad(x, (0, 0, 0, pad)), F.pad(valid, (0, pad))
 
         # Local term: causal softmax attention inside each chunk, chunks folded into the head axis.
         fold = (b, h * n_chunks, chunk, d)

@@ -1,0 +1,212 @@
+"""Long-context benchmark of GPT2-BSBR against stock GPT-2 (SDPA) on the same small config, in one run.
+
+Measures, at each context length n: forward time and peak memory of the base model (no LM head), the size of the
+generation cache after a prefill of n tokens, and the decoding time per token after that prefill (averaged over a
+round of 2 * chunk_size steps, so that it includes the retrieval refreshes at chunk boundaries; best of --repeats
+rounds). Prints the ratios against the issue's targets, and writes bsbr_bench.json and bsbr_bench.png.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call; on CPU, the peak
+resident set size above the resident size before the call (Linux VmHWM, reset through /proc/self/clear_refs). On CPU
+the script re-runs itself with MALLOC_MMAP_THRESHOLD_ fixed, so that glibc returns freed tensors to the system and
+the resident size follows the live tensors instead of keeping earlier runs' memory.
+
+    python bench/bench_bsbr.py                          # 1k .. 16k on CPU here, or on a GPU when there is one
+    python bench/bench_bsbr.py --lengths 1024 2048 --decode-steps 64
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("bench_bsbr")
+
+# Targets of issue 3, checked at the longest length measured.
+TARGETS = {"forward_time": 0.5, "peak_memory": 1.1, "cache_size": 0.25, "decode_flatness": 1.2}
+
+
+def _status_kb(key):
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def peak_memory_mb(fn, device):
+    """Run fn() once; return (its result, peak memory above the level before the call, in MiB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, (torch.cuda.max_memory_allocated() - before) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    result = fn()
+    return result, (_status_kb("VmHWM") - before) / 2**10
+
+
+def timed(fn, device, repeats):
+    """Best wall time of fn() over `repeats` runs, after one warm-up run (the minimum is the least disturbed by other
+    processes sharing the machine, as timeit recommends)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def cache_bytes(cache):
+    if hasattr(cache, "nbytes"):  # BSBRCache
+        return cache.nbytes()
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)  # GPT-2's DynamicCache
+
+
+@torch.no_grad()
+def decode_time_per_token(model, ids, steps, rounds, device):
+    """Prefill `ids`, then a warm-up round and `rounds` timed rounds of `steps` greedy single-token steps through the cache.
+    Returns (seconds per token of the best round, cache bytes after the prefill)."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, size = out.past_key_values, cache_bytes(out.past_key_values)
+    token = out.logits[:, -1:].argmax(-1)
+
+    def one_round():
+        nonlocal out, token
+        for _ in range(steps):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+
+    return timed(one_round, device, rounds) / steps, size
+
+
+def build_models(args, device, work_dir):
+    """A random stock GPT-2 of the benchmark config and its GPT2-BSBR conversion (same weights)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from graftlm.conversion.bsbr import convert_gpt2_to_bsbr
+
+    torch.manual_seed(0)
+    n_positions = max(args.lengths) + (args.repeats + 1) * args.decode_steps + 1
+    config = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_positions=n_positions,
+                        vocab_size=args.vocab_size)
+    GPT2LMHeadModel(config).save_pretrained(work_dir)
+    gpt2 = GPT2LMHeadModel.from_pretrained(work_dir, attn_implementation="sdpa").to(device).eval()
+    bsbr, _ = convert_gpt2_to_bsbr(work_dir, chunk_size=args.chunk_size, compression_factor=args.compression_factor)
+    return {"gpt2_sdpa": gpt2, "bsbr": bsbr.to(device).eval()}
+
+
+def run(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory() as work_dir:
+        models = build_models(args, device, work_dir)
+    results = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"CPU, {torch.get_num_threads()} threads", "config": {k: v for k, v in vars(args).items()
+               if k not in ("output_dir", "device")}, "runs": []}
+    generator = torch.Generator().manual_seed(0)
+    for n in tqdm(args.lengths, desc="context lengths"):
+        ids = torch.randint(0, args.vocab_size, (1, n), generator=generator).to(device)
+        row = {"n": n}
+        for name, model in models.items():
+            forward = lambda: model.transformer(input_ids=ids, use_cache=False)  # noqa: E731
+            row[f"{name}_forward_s"] = timed(forward, device, args.repeats)
+            _, row[f"{name}_peak_mb"] = peak_memory_mb(forward, device)
+            per_token, size = decode_time_per_token(model, ids, args.decode_steps, args.repeats, device)
+            row[f"{name}_decode_ms"], row[f"{name}_cache_mb"] = 1e3 * per_token, size / 2**20
+        for key in ("forward_s", "peak_mb", "decode_ms", "cache_mb"):
+            row[f"ratio_{key}"] = row[f"bsbr_{key}"] / row[f"gpt2_sdpa_{key}"]
+        logger.info("n=%d: %s", n, {k: round(v, 4) for k, v in row.items() if k != "n"})
+        results["runs"].append(row)
+    results["targets"] = check_targets(results["runs"])
+    return results
+
+
+def check_targets(runs):
+    last, first = runs[-1], runs[0]
+    measured = {
+        "forward_time": last["ratio_forward_s"],
+        "peak_memory": last["ratio_peak_mb"],
+        "cache_size": last["ratio_cache_mb"],
+        "decode_flatness": last["bsbr_decode_ms"] / first["bsbr_decode_ms"],
+    }
+    return {key: {"measured": value, "target": TARGETS[key], "met": value <= TARGETS[key], "at_n": last["n"]}
+            for key, value in measured.items()}
+
+
+def report(results, output_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "bsbr_bench.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    runs = results["runs"]
+    ns = [r["n"] for r in runs]
+    panels = [("forward_s", "forward time (s)"), ("peak_mb", "forward peak memory (MiB)"),
+              ("decode_ms", "decoding time per token (ms)"), ("cache_mb", "generation cache (MiB)")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, (key, title) in zip(axes, panels):
+        for name, label in (("gpt2_sdpa", "GPT-2 (SDPA)"), ("bsbr", "GPT2-BSBR")):
+            ax.plot(ns, [r[f"{name}_{key}"] for r in runs], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length n")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"GPT2-BSBR vs GPT-2 on {results['device_name']}")
+    fig.tight_layout()
+    fig.savefig(output_dir / "bsbr_bench.png", dpi=120)
+
+    print(f"device: {results['device_name']}")
+    print(f"{'n':>6} | {'fwd BSBR/GPT-2':>14} | {'peak mem':>9} | {'cache':>7} | {'decode ms BSBR / GPT-2':>22}")
+    for r in runs:
+        print(f"{r['n']:>6} | {r['ratio_forward_s']:>14.3f} | {r['ratio_peak_mb']:>9.3f} | {r['ratio_cache_mb']:>7.3f} | "
+              f"{r['bsbr_decode_ms']:>9.2f} / {r['gpt2_sdpa_decode_ms']:<10.2f}")
+    for key, t in results["targets"].items():
+        print(f"target {key}: {t['measured']:.3f} (<= {t['target']}) at n={t['at_n']}: {'met' if t['met'] else 'NOT met'}")
+    print(f"wrote {output_dir / 'bsbr_bench.json'} and {output_dir / 'bsbr_bench.png'}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--decode-steps", type=int, default=None, help="decoding steps per length (default: 2 * chunk)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (forward) and rounds (decoding) after one warm-up; the best is reported")
+    parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--compression-factor", type=int, default=None)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=512, help="small, so the LM head does not dominate decoding")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    args.lengths = sorted(args.lengths)
+    args.decode_steps = args.decode_steps or 2 * args.chunk_size
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    if on_cpu and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report(run(args), args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
