@@ -319,6 +319,7 @@ def train(model, tokenizer, train_pairs, valid_pairs, options):
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(options.mixed_precision),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun / accelerate launch) then join over gloo
     )
     set_seed(options.seed)
     if not model.has_lora():
@@ -396,8 +397,9 @@ def train(model, tokenizer, train_pairs, valid_pairs, options):
             for sample in record["samples"]:
                 logger.info("sample after epoch %d: %r -> %r", epoch + 1, sample["prompt"], sample["answer"])
         accelerator.wait_for_everyone()
-        logger.info("epoch %d: train loss %.4f, validation loss %.4f, gates %s, memory %s",
-                    epoch + 1, train_loss, valid_loss, record["gates"], record["memory"])
+        if accelerator.is_main_process:
+            logger.info("epoch %d: train loss %.4f, validation loss %.4f, gates %s, memory %s",
+                        epoch + 1, train_loss, valid_loss, record["gates"], record["memory"])
 
         if valid_loss < best_loss - options.min_delta:
             best_loss, bad_epochs, best_state = valid_loss, 0, _trainable_state(unwrapped)

@@ -395,7 +395,8 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         if truncate_repeats is None:
             return output
         config = generation_config or self.generation_config
-        pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        pad_id = kwargs.get("pad_token_id", config.pad_token_id)
+        pad_id = pad_id if pad_id is not None else kwargs.get("eos_token_id", config.eos_token_id)
         if isinstance(pad_id, (list, tuple)):
             pad_id = pad_id[0]
         if pad_id is None:
