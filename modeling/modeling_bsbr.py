@@ -149,7 +149,8 @@ class BSBRAttention(nn.Module):
                 k_buf=kc[rows, :, open_chunk], v_buf=vc[rows, :, open_chunk],
                 f_run=states[rows, :, open_chunk], z_run=norms[rows, :, open_chunk], x_run=x_sums[rows, open_chunk],
                 fill=lengths % chunk, chunks=open_chunk,
-                f_store=states[:, :, :done], z_store=norms[:, :, :done], h_store=meta_h[:, :, :done],
+                f_store=states[:, :, :done].clone(), z_store=norms[:, :, :done].clone(),
+                h_store=meta_h[:, :, :done].clone(),
                 s_cur=s_all[rows, :, open_chunk], u_cur=u_all[rows, :, open_chunk],
             )
         return out
