@@ -185,7 +185,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--decode-steps", type=int, default=None, help="decoding steps per length (default: 2 * chunk)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (forward) and rounds (decoding) after one warm-up; the best is reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs (forward) and rounds (decoding) after one warm-up; the best is reported")
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--compression-factor", type=int, default=None)
     parser.add_argument("--n-layer", type=int, default=2)

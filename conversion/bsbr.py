@@ -25,11 +25,11 @@ logger = logging.getLogger(__name__)
 
 OPTIONS = {"chunk_size": 128, "compression_factor": None, "feature_map": "elu+1", "n_positions": None}
 NEW_MODULES = {
-    "transformer.h.*.attn.meta_r_proj": "chunk meta-query projection, (W_q + W_k) / 2 and (b_q + b_k) / 2 of the layer's c_attn",
-    "transformer.h.*.attn.meta_h_proj": "chunk-key projection, (W_k + W_v) / 2 and (b_k + b_v) / 2 of the layer's c_attn",
-    "transformer.h.*.attn.retrieval_gate": "per-head gate g of the retrieval term, 0: the converted model reads no chunk state",
-    "transformer.h.*.attn.compress_proj": "(with compression_factor c > 1) head_dim -> head_dim / c projection of keys and "
-    "queries before phi, initialised to average each run of c consecutive dimensions",
+    "transformer.h.*.attn.meta_r_proj": "chunk meta-query projection: (W_q + W_k) / 2, (b_q + b_k) / 2 of c_attn",
+    "transformer.h.*.attn.meta_h_proj": "chunk-key projection: (W_k + W_v) / 2, (b_k + b_v) / 2 of c_attn",
+    "transformer.h.*.attn.retrieval_gate": "per-head gate g of the retrieval term, 0: no chunk state is read",
+    "transformer.h.*.attn.compress_proj": "(compression_factor c > 1 only) head_dim -> head_dim / c projection of "
+    "keys and queries before phi, initialised to average each run of c consecutive dimensions",
 }
 _NEW_SUFFIXES = (
     ".attn.meta_r_proj.weight", ".attn.meta_r_proj.bias", ".attn.meta_h_proj.weight", ".attn.meta_h_proj.bias",

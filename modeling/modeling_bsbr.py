@@ -169,7 +169,8 @@ class BSBRAttention(nn.Module):
         local = (probs @ st.v_buf)[:, :, 0]  # (b, h, d)
 
         qf = self._features(q)  # (b, h, s)
-        retrieved = (qf[:, :, None] @ st.s_cur)[:, :, 0] / ((qf * st.u_cur).sum(-1, keepdim=True) + self.config.retrieval_eps)
+        denom = (qf * st.u_cur).sum(-1, keepdim=True) + self.config.retrieval_eps
+        retrieved = (qf[:, :, None] @ st.s_cur)[:, :, 0] / denom
         out = local + self.retrieval_gate.view(1, h, 1).to(local.dtype) * retrieved.to(local.dtype)
 
         keep = real.float()
