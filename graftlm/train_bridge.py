@@ -169,6 +169,7 @@ def main(args):
             report_to="none",
             remove_unused_columns=False,
             prediction_loss_only=True,
+            ddp_find_unused_parameters=False,  # every bridge parameter takes part in a training forward pass
             seed=args.seed,
         )
         trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
