@@ -77,10 +77,11 @@ def test_equals_stock_gpt2_on_inputs_no_longer_than_a_chunk(base, compression_fa
     assert report.chunk_delta <= 1e-4 and report.block_delta <= 1e-4
 
 
-def test_gate_zero_equals_block_diagonal_gpt2_at_any_length(base):
+@pytest.mark.parametrize("length", [CHUNK + 1, 5 * CHUNK + 3, 128])
+def test_gate_zero_equals_block_diagonal_gpt2_at_any_length(base, length):
     stock = GPT2LMHeadModel.from_pretrained(base, attn_implementation="eager").eval()
     model, _ = convert_gpt2_to_bsbr(base, chunk_size=CHUNK, compression_factor=2)
-    ids, _, _ = padded_batch(5 * CHUNK + 3, pads=(0, 0))
+    ids, _, _ = padded_batch(length, pads=(0, 0))
     with torch.no_grad():
         got = model(input_ids=ids).logits
         reference = block_diagonal_reference(stock, ids, CHUNK)
