@@ -58,6 +58,10 @@ class ScaffoldConfig(PreTrainedConfig):
     def num_hidden_layers(self):
         return self.base_config.n_layer
 
+    @property
+    def n_positions(self):  # the longest input the base reads (graftlm eval windows, length checks)
+        return self.base_config.n_positions
+
     def validate_architecture(self):
         check_scaffold_config(self)
 

@@ -58,9 +58,7 @@ def chat(model, tokenizer, lines, write, *, train_pairs=None, valid_pairs=None, 
 def main(args):
     import torch
 
-    from .conversion.common import load_tokenizer
-    from .modeling.modeling_scaffold import ScaffoldForCausalLM
-    from .train_scaffold import TrainingOptions, load_pairs, load_scaffold_model
+    from .train_scaffold import ScaffoldSession, TrainingOptions, load_pairs
 
     if args.truncate_repeats < 0:
         raise ValueError(f"--truncate-repeats must be >= 0, got {args.truncate_repeats}")
@@ -69,8 +67,7 @@ def main(args):
     # Data files are read (and checked) before the model is loaded, so a bad file fails at once.
     train_pairs = load_pairs(args.train_data) if args.train_data else None
     valid_pairs = load_pairs(args.valid_data) if args.valid_data else None
-    model = load_scaffold_model(args.model, ScaffoldForCausalLM).eval()
-    tokenizer = load_tokenizer(args.model)
+    session = ScaffoldSession.from_pretrained(args.model)
     generate_kwargs = {
         "max_new_tokens": args.max_new_tokens,
         "scaffold_weight": args.scaffold_weight,
@@ -85,6 +82,6 @@ def main(args):
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    chat(model, tokenizer, sys.stdin, write, train_pairs=train_pairs, valid_pairs=valid_pairs,
+    chat(session.model, session.tokenizer, sys.stdin, write, train_pairs=train_pairs, valid_pairs=valid_pairs,
          train_options=train_options, generate_kwargs=generate_kwargs, interactive=sys.stdin.isatty())
 

@@ -13,6 +13,7 @@ import math
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -327,8 +328,11 @@ def train(model, tokenizer, train_pairs, valid_pairs, options):
     if not model.config.train_fuser and all(g == 0 for g in model.gate_values().values()):
         logger.warning("train_fuser=False with closed gates: the scaffold has no influence and LoRA gets no gradient")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encode = lambda pairs: [encode_pair(tokenizer, p["prompt"], p["completion"], options.max_length) for p in pairs]
-    collate = lambda examples: collate_pairs(examples, pad_id)
+    collate = partial(collate_pairs, pad_id=pad_id)
+
+    def encode(pairs):
+        return [encode_pair(tokenizer, p["prompt"], p["completion"], options.max_length) for p in pairs]
+
     train_loader = DataLoader(encode(train_pairs), batch_size=options.batch_size, shuffle=True, collate_fn=collate)
     valid_loader = DataLoader(encode(valid_pairs), batch_size=options.batch_size, collate_fn=collate)
     optimizer = torch.optim.AdamW(
@@ -418,6 +422,7 @@ def train(model, tokenizer, train_pairs, valid_pairs, options):
 
     if best_state is not None:
         _load_trainable_state(unwrapped, best_state)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop accelerate's autocast patch of forward
     unwrapped.eval()
     return TrainingResult(initial_loss, best_loss, len(history), stopped_early, history)
 
@@ -435,6 +440,29 @@ def run_training_cycle(model, tokenizer, train_data, valid_data=None, *, epochs=
     else:
         valid_pairs = load_pairs(valid_data)
     return train(model, tokenizer, train_pairs, valid_pairs, options)
+
+
+class ScaffoldSession:
+    """The seed's system object over one model: run_training_cycle(train_data, valid_data, epochs=..., batch_size=...)
+    and generate(prompt, max_new_tokens=..., scaffold_weight=...) -> text."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path):
+        from .conversion.common import load_tokenizer
+        from .modeling.modeling_scaffold import ScaffoldForCausalLM
+
+        return cls(load_scaffold_model(path, ScaffoldForCausalLM).eval(), load_tokenizer(path))
+
+    def run_training_cycle(self, train_data, valid_data=None, epochs=3, batch_size=1, **options):
+        return run_training_cycle(self.model, self.tokenizer, train_data, valid_data, epochs=epochs,
+                                  batch_size=batch_size, **options)
+
+    def generate(self, prompt, max_new_tokens=50, scaffold_weight=1.0, truncate_repeats=3, **kwargs):
+        return generate_answers(self.model, self.tokenizer, [prompt], max_new_tokens, scaffold_weight,
+                                truncate_repeats, **kwargs)[0]
 
 
 # ----- CLI: graftlm train scaffold -----

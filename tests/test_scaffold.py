@@ -367,8 +367,10 @@ def test_loss_counts_completion_tokens_only(converted, tokenizer):
 
 def test_short_training_lowers_validation_loss_and_weight_zero_stays_the_base(stock, converted, tokenizer):
     model = fresh(converted)
-    result = ts.run_training_cycle(model, tokenizer, PAIRS, epochs=3, batch_size=2, learning_rate=1e-2,
-                                   samples_per_epoch=1, gradient_accumulation_steps=1)
+    session = ts.ScaffoldSession(model, tokenizer)  # the seed's shape: run_training_cycle(train, valid, ...)
+    result = session.run_training_cycle(PAIRS, None, epochs=3, batch_size=2, learning_rate=1e-2,
+                                        samples_per_epoch=1, gradient_accumulation_steps=1)
+    assert isinstance(session.generate("2 plus 2 is", max_new_tokens=4, scaffold_weight=0.7), str)
     assert result.best_valid_loss < result.initial_valid_loss - 0.05
     assert len(result.history) == 3 and result.history[0]["samples"][0]["answer"] is not None
     assert "rss_mib" in result.history[0]["memory"] or "cuda_allocated_mib" in result.history[0]["memory"]
@@ -431,7 +433,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(converted, tokenize
     assert all(torch.allclose(p, expected[n], atol=1e-6) for n, p in resumed.named_parameters() if p.requires_grad)
 
 
-def test_cli_train_exports_separate_adapter_and_bad_data_writes_nothing(converted, tokenizer, tmp_path, capsys):
+def test_cli_train_under_accelerate_launch_with_two_processes(converted, tokenizer, tmp_path, capsys):
     source = tmp_path / "converted"
     export_model(fresh(converted), source, tokenizers={"": tokenizer})
     bad = tmp_path / "bad.jsonl"
@@ -439,15 +441,21 @@ def test_cli_train_exports_separate_adapter_and_bad_data_writes_nothing(converte
     out = tmp_path / "out"
     assert cli.main(["train", "scaffold", str(source), "--data", str(bad), "--output-dir", str(out)]) == 2
     assert "has no 'completion'" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "converted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "converted"]  # nothing written
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")  # two CPU processes over gloo
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "graftlm.cli"]
     args = ["train", "scaffold", str(source), "--data", str(data), "--output-dir", str(out), "--epochs", "1",
-            "--batch-size", "4", "--samples-per-epoch", "0", "--adapter", "separate"]
-    assert cli.main(args) == 0
+            "--batch-size", "2", "--learning-rate", "1e-2", "--samples-per-epoch", "0", "--adapter", "separate"]
+    result = subprocess.run(launch + args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("exported to") == 1  # the main process alone exports
     assert (out / "scaffold_adapter" / "adapter_config.json").is_file()
-    assert (tmp_path / "out-checkpoints" / "checkpoint-epoch-1" / "trainer_state.json").is_file()
+    state = json.loads((tmp_path / "out-checkpoints" / "checkpoint-epoch-1" / "trainer_state.json").read_text())
+    assert state["epoch"] == 1 and all(g != 0 for g in state["history"][0]["gates"].values())  # it trained
     trained = AutoModelForCausalLM.from_pretrained(out)
     assert trained.has_lora() and "validation loss" in (out / "README.md").read_text()
 
