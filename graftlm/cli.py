@@ -13,9 +13,16 @@ import sys
 # `graftlm convert <name>`: one converter module per architecture.
 CONVERTERS = {
     "dfa": "graftlm.conversion.dfa",
+    "bsbr": "graftlm.conversion.bsbr",
+    "bridge": "graftlm.conversion.bridge",
+    "scaffold": "graftlm.conversion.scaffold",
 }
 # `graftlm train <name>`: modules providing add_arguments(parser) and main(args).
-TRAINERS = {}
+TRAINERS = {
+    "bsbr": "graftlm.train_bsbr",
+    "bridge": "graftlm.train_bridge",
+    "scaffold": "graftlm.train_scaffold",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,6 +150,9 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
 
+    chat = commands.add_parser("chat", help="interactive prompt/train loop over a Scaffolded GPT-2 folder")
+    importlib.import_module("graftlm.chat").add_arguments(chat)
+
     if TRAINERS:
         train = commands.add_parser("train", help="fine-tune a GraftLM model")
         kinds = train.add_subparsers(dest="arch", required=True, parser_class=_Parser)
@@ -155,11 +165,13 @@ def build_parser():
 
 
 def main(argv=None):
+    from huggingface_hub.errors import StrictDataclassError  # invalid config values (transformers 5 configs)
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError, StrictDataclassError) as err:
         if args.verbose:
             raise
         print(f"graftlm: error: {err}", file=sys.stderr)

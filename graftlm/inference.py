@@ -21,7 +21,12 @@ def generate_text(name_or_path, prompts, max_new_tokens=40, seed=0, trust_remote
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    inputs = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    encoder_tokenizer = tokenizer
+    if model.config.is_encoder_decoder:  # GraftLM seq2seq exports keep the encoder's tokenizer in a subfolder
+        from transformers import AutoTokenizer
+
+        encoder_tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="encoder_tokenizer")
+    inputs = encoder_tokenizer(list(prompts), return_tensors="pt", padding=True)
     if not generate_kwargs.get("do_sample"):
         for key in ("temperature", "top_k", "top_p"):
             generate_kwargs.pop(key, None)
@@ -32,4 +37,5 @@ def generate_text(name_or_path, prompts, max_new_tokens=40, seed=0, trust_remote
         )
     if not model.config.is_encoder_decoder:
         output = output[:, inputs["input_ids"].shape[1] :]
-    return [prompt + text for prompt, text in zip(prompts, tokenizer.batch_decode(output, skip_special_tokens=True))]
+        return [p + t for p, t in zip(prompts, tokenizer.batch_decode(output, skip_special_tokens=True))]
+    return tokenizer.batch_decode(output, skip_special_tokens=True)

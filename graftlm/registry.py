@@ -48,3 +48,18 @@ def _register_all():
     from .modeling.modeling_dfa import DFAForCausalLM, DFAModel
 
     register(Architecture("dfa", DFAConfig, {"AutoModel": DFAModel, "AutoModelForCausalLM": DFAForCausalLM}))
+
+    from .configuration.configuration_bsbr import BSBRConfig
+    from .modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
+
+    register(Architecture("bsbr", BSBRConfig, {"AutoModel": BSBRModel, "AutoModelForCausalLM": BSBRForCausalLM}))
+
+    from .configuration.configuration_bridge import BridgeConfig
+    from .modeling.modeling_bridge import BridgeForConditionalGeneration
+
+    register(Architecture("bridge", BridgeConfig, {"AutoModelForSeq2SeqLM": BridgeForConditionalGeneration}))
+
+    from .configuration.configuration_scaffold import ScaffoldConfig
+    from .modeling.modeling_scaffold import ScaffoldForCausalLM
+
+    register(Architecture("scaffold", ScaffoldConfig, {"AutoModelForCausalLM": ScaffoldForCausalLM}))
