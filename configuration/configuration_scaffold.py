@@ -87,12 +87,15 @@ def check_scaffold_config(config):
     out_of_range = [i for i in layers if not 0 <= i < base.n_layer]
     if out_of_range:
         raise ValueError(
-            f"cross_attn_layers {out_of_range} out of range: the base GPT-2 has {base.n_layer} layers (0-{base.n_layer - 1})"
+            f"cross_attn_layers {out_of_range} out of range: the base GPT-2 has {base.n_layer} layers "
+            f"(0-{base.n_layer - 1})"
         )
     if not (isinstance(config.influence, (int, float)) and 0.0 <= config.influence <= 1.0):
         raise ValueError(f"influence must be in [0, 1], got {config.influence}")
     if config.fuser_heads < 1 or base.n_embd % config.fuser_heads:
-        raise ValueError(f"fuser_heads ({config.fuser_heads}) must be >= 1 and divide the base's n_embd ({base.n_embd})")
+        raise ValueError(
+            f"fuser_heads ({config.fuser_heads}) must be >= 1 and divide the base's n_embd ({base.n_embd})"
+        )
     if config.lora_r < 1:
         raise ValueError(f"lora_r must be >= 1, got {config.lora_r}")
     if not (config.lora_alpha > 0 and math.isfinite(config.lora_alpha)):

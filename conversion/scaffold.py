@@ -98,11 +98,14 @@ def convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=(5, 7), **options
     model.generation_config = stock_base.generation_config
     model.eval()
 
-    input_ids, attention_mask = probe_batch(config.base_config.vocab_size, seq_len=min(32, config.base_config.n_positions))
+    base_config = config.base_config
+    input_ids, attention_mask = probe_batch(base_config.vocab_size, seq_len=min(32, base_config.n_positions))
     delta = max_logit_delta(model, stock_base, input_ids, attention_mask)
     logger.info("converted %s + scaffold %s: max |delta logits| vs the base GPT-2 = %.3g", base, scaffold, delta)
     if not math.isfinite(delta) or delta > FIDELITY_TOLERANCE:
-        raise ConversionError(f"the converted model differs from the base GPT-2 by {delta:.3g} (> {FIDELITY_TOLERANCE})")
+        raise ConversionError(
+            f"the converted model differs from the base GPT-2 by {delta:.3g} (> {FIDELITY_TOLERANCE})"
+        )
     report = ConversionReport(
         str(base), str(scaffold), list(config.cross_attn_layers), {**OPTIONS, **options}, delta, model.num_parameters()
     )
@@ -181,7 +184,8 @@ def convert_from_args(args):
         lora_target_modules=args.lora_target_modules,
         train_fuser=args.train_fuser,
     )
-    print(f"fidelity: max |logits(scaffolded) - logits(base GPT-2)| = {report.max_abs_logit_delta:.3g} on the probe batch")
+    delta = report.max_abs_logit_delta
+    print(f"fidelity: max |logits(scaffolded) - logits(base GPT-2)| = {delta:.3g} on the probe batch")
     return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id)
 
 

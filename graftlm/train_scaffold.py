@@ -161,7 +161,7 @@ def encode_pair(tokenizer, prompt, completion, max_length):
 
 
 def collate_pairs(examples, pad_id):
-    """Right-padded batch: the base reads prompt + completion, the scaffold the prompt; labels only on the completion."""
+    """Right-padded batch: the base reads prompt + completion, the scaffold the prompt; labels mark the completion."""
     import torch
 
     width = max(len(p) + len(c) for p, c in examples)
@@ -379,7 +379,8 @@ def train(model, tokenizer, train_pairs, valid_pairs, options):
                 loss = model(**batch, use_cache=False).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], options.max_grad_norm)
+                    trainable = [p for p in model.parameters() if p.requires_grad]
+                    accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -471,7 +472,8 @@ class ScaffoldSession:
 def add_arguments(parser):
     defaults = TrainingOptions()
     parser.add_argument("model", help="Scaffolded GPT-2 folder (from `graftlm convert scaffold` or an earlier run)")
-    parser.add_argument("--data", required=True, help="prompt/completion pairs: .jsonl, .json or .csv file, or a datasets name")
+    parser.add_argument("--data", required=True,
+                        help="prompt/completion pairs: .jsonl, .json or .csv file, or a datasets name")
     parser.add_argument("--valid-data", help="validation pairs (default: hold out --valid-split of --data)")
     parser.add_argument("--prompt-field", default="prompt")
     parser.add_argument("--completion-field", default="completion")
@@ -531,7 +533,9 @@ def load_scaffold_model(path, model_class):
 
     config = AutoConfig.from_pretrained(path)
     if config.model_type != model_class.config_class.model_type:
-        raise ValueError(f"{path} holds a {config.model_type!r} model; convert it first with `graftlm convert scaffold`")
+        raise ValueError(
+            f"{path} holds a {config.model_type!r} model; convert it first with `graftlm convert scaffold`"
+        )
     return model_class.from_pretrained(path)
 
 

@@ -150,7 +150,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         return bool(lora_layers(self.scaffold))
 
     def add_lora(self):
-        """Attach fresh LoRA adapters (config's r, alpha, dropout, targets) to the scaffold; B = 0, so nothing changes."""
+        """Attach fresh LoRA adapters (config's r, alpha, dropout, targets) to the scaffold; B = 0: nothing changes."""
         attach_lora(self.scaffold, self.config)
         self._set_trainable()
         return self
@@ -180,7 +180,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
             return super().save_pretrained(save_directory, *args, **kwargs)
         for key in ("state_dict", "push_to_hub"):
             if kwargs.get(key):
-                raise ValueError(f"save_pretrained({key}=...) is not supported while LoRA is attached; merge_lora() first")
+                raise ValueError(f"save_pretrained({key}=...) is not supported with LoRA attached; merge_lora() first")
         self.config.scaffold_adapter = ADAPTER_SUBFOLDER
         with lora_detached(self.scaffold):
             result = super().save_pretrained(save_directory, *args, **kwargs)
@@ -194,9 +194,8 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         if model.config.scaffold_adapter:
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             prefix = f"{hub_kwargs.pop('subfolder')}/" if hub_kwargs.get("subfolder") else ""
-            weights = cached_file(
-                pretrained_model_name_or_path, f"{prefix}{model.config.scaffold_adapter}/{ADAPTER_WEIGHTS}", **hub_kwargs
-            )
+            adapter_file = f"{prefix}{model.config.scaffold_adapter}/{ADAPTER_WEIGHTS}"
+            weights = cached_file(pretrained_model_name_or_path, adapter_file, **hub_kwargs)
             attach_lora(model.scaffold, model.config)
             model.scaffold.to(next(model.base.parameters()).device)
             load_adapter(model.scaffold, weights)
@@ -240,10 +239,14 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
                 if input_ids is None:
                     raise ValueError("with inputs_embeds, pass scaffold_input_ids or scaffold_states")
                 scaffold_input_ids = input_ids
-                scaffold_attention_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+                is_2d = attention_mask is not None and attention_mask.ndim == 2
+                scaffold_attention_mask = attention_mask if is_2d else None
             states, mask = self.scaffold_states(scaffold_input_ids, scaffold_attention_mask), scaffold_attention_mask
         if mask is not None and mask.shape != states.shape[:2]:
-            raise ValueError(f"scaffold_attention_mask {tuple(mask.shape)} does not match the scaffold states {tuple(states.shape[:2])}")
+            raise ValueError(
+                f"scaffold_attention_mask {tuple(mask.shape)} does not match the scaffold states "
+                f"{tuple(states.shape[:2])}"
+            )
         context = ScaffoldContext(states, mask, source=given)
         if past_key_values is not None:
             past_key_values.scaffold_context = context
@@ -340,7 +343,9 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             cache = past_key_values if not (gpt2.gradient_checkpointing and self.training) else None
-            hidden_states = block(hidden_states, cache, causal_mask, None, use_cache=use_cache, position_ids=position_ids)
+            hidden_states = block(
+                hidden_states, cache, causal_mask, None, use_cache=use_cache, position_ids=position_ids
+            )
             fuser = self.fusers[str(i)] if str(i) in self.fusers else None
             if fuser is not None and context is not None:
                 if i not in context.kv:

@@ -178,8 +178,7 @@ def test_cached_generate_equals_uncached(converted):
     for extra in ({}, {"num_beams": 3}):
         cached, uncached = generate(model, ids, mask, **extra), generate(model, ids, mask, use_cache=False, **extra)
         assert torch.equal(cached.sequences, uncached.sequences)
-    cached, uncached = generate(model, ids, mask), generate(model, ids, mask, use_cache=False)
-    assert max((a - b).abs().max().item() for a, b in zip(cached.logits, uncached.logits)) <= 1e-4
+        assert max((a - b).abs().max().item() for a, b in zip(cached.logits, uncached.logits)) <= 1e-4
 
 
 def test_scaffold_weight_reaches_generate_and_zero_gives_the_base(stock, converted):
@@ -324,9 +323,11 @@ def test_data_files_load_and_bad_data_is_a_clear_error(tmp_path):
     csv_file = tmp_path / "pairs.csv"
     csv_file.write_text("prompt,completion\nHi,there\n2 plus 2 is, 4\n")
     assert ts.load_pairs(jsonl) == PAIRS[:3]
-    assert ts.load_pairs(csv_file) == [{"prompt": "Hi", "completion": "there"}, {"prompt": "2 plus 2 is", "completion": " 4"}]
+    expected = [{"prompt": "Hi", "completion": "there"}, {"prompt": "2 plus 2 is", "completion": " 4"}]
+    assert ts.load_pairs(csv_file) == expected
     bad = {
-        "no_completion.jsonl": ('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n', "record 1 has no 'completion'"),
+        "no_completion.jsonl": ('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n',
+                                "record 1 has no 'completion'"),
         "no_prompt.csv": ("question,completion\nx,y\n", "record 0 has no 'prompt'"),
         "empty.jsonl": ("\n", "holds no prompt/completion pairs"),
         "broken.jsonl": ('{"prompt": "a", \n', "line 1: not valid JSON"),
@@ -380,7 +381,9 @@ def test_short_training_lowers_validation_loss_and_weight_zero_stays_the_base(st
     assert (logits(model, ids, mask, scaffold_weight=0.0) - logits(reference, ids, mask))[real].abs().max() <= 1e-5
     assert (logits(model, ids, mask) - logits(reference, ids, mask))[real].abs().max() > 1e-4
     stock_state = reference.state_dict()
-    assert all(torch.equal(v, stock_state[k[len("base."):]]) for k, v in model.state_dict().items() if k.startswith("base."))
+    base_state = {k[len("base."):]: v for k, v in model.state_dict().items() if k.startswith("base.")}
+    assert base_state.keys() == stock_state.keys()
+    assert all(torch.equal(v, stock_state[k]) for k, v in base_state.items())
 
 
 def test_early_stopping_fires_when_validation_stops_improving(converted, tokenizer):
@@ -405,7 +408,7 @@ def test_early_stopping_fires_when_validation_stops_improving(converted, tokeniz
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(converted, tokenizer, tmp_path, monkeypatch):
     start = fresh(converted)
     train_pairs, valid_pairs = ts.split_pairs(PAIRS, 0.25, seed=0)
-    options = dict(epochs=3, batch_size=2, learning_rate=1e-2, patience=5, **FAST)
+    options = dict(epochs=2, batch_size=2, learning_rate=1e-2, patience=5, **FAST)
     straight = copy.deepcopy(start)
     ts.train(straight, tokenizer, train_pairs, valid_pairs, ts.TrainingOptions(**options))
 
@@ -416,19 +419,19 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(converted, tokenize
 
     def save_then_crash(folder, *args):
         save(folder, *args)
-        if folder.name == "checkpoint-epoch-2":
-            raise Crash
+        if folder.name == "checkpoint-epoch-1":
+            raise Crash  # the run dies right after writing its first checkpoint
 
     monkeypatch.setattr(ts, "_save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         ts.train(copy.deepcopy(start), tokenizer, train_pairs, valid_pairs,
                  ts.TrainingOptions(**options, checkpoint_dir=str(tmp_path)))
     monkeypatch.setattr(ts, "_save_checkpoint", save)
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-epoch-2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-epoch-1"]
     resumed = copy.deepcopy(start)
     result = ts.train(resumed, tokenizer, train_pairs, valid_pairs,
                       ts.TrainingOptions(**options, checkpoint_dir=str(tmp_path), resume_from_checkpoint="latest"))
-    assert result.epochs_run == 3 and [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert result.epochs_run == 2 and [r["epoch"] for r in result.history] == [1, 2]
     expected = dict(straight.named_parameters())
     assert all(torch.allclose(p, expected[n], atol=1e-6) for n, p in resumed.named_parameters() if p.requires_grad)
 
