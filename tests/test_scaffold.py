@@ -151,6 +151,15 @@ def test_model_is_causal_through_the_scaffold(converted):
     assert not torch.allclose(a[:, 8:], b[:, 8:], atol=1e-3)
 
 
+def test_eager_and_sdpa_fusers_agree(converted):
+    model = open_gates(fresh(converted))
+    ids, mask = left_padded_batch()
+    sdpa = logits(model, ids, mask)
+    model.set_attn_implementation("eager")
+    assert model.fusers["0"].config._attn_implementation == "eager"
+    assert (logits(model, ids, mask) - sdpa)[mask.bool()].abs().max().item() <= 1e-5
+
+
 def test_manual_cache_loop_reuses_the_prompt_scaffold_states(converted):
     model = open_gates(fresh(converted))
     ids, mask = left_padded_batch()
