@@ -107,9 +107,12 @@ def run(args):
     train_text.write_text(offline_text(), encoding="utf-8")
     eval_text.write_text(held_out_text(args.eval_chars), encoding="utf-8")
 
-    stock = build_local_gpt2(out / "stock", train_steps=args.stock_steps, seed=0, seq_len=args.seq_len,
-                             batch_size=args.batch_size)
-    timings["stock_training_s"] = time.perf_counter() - start
+    stock = out / "stock"
+    if args.reuse_stock and (stock / "config.json").is_file():
+        logger.info("reusing the stock GPT-2 already trained in %s", stock)
+    else:
+        build_local_gpt2(stock, train_steps=args.stock_steps, seed=0, seq_len=args.seq_len, batch_size=args.batch_size)
+        timings["stock_training_s"] = time.perf_counter() - start
 
     model, report = convert_gpt2_to_bsbr(stock, chunk_size=args.chunk_size)
     converted = export_model(model, out / "converted", tokenizers={"": load_tokenizer(stock)},
@@ -119,7 +122,8 @@ def run(args):
     heal_args = Namespace(
         model=str(converted), text=str(train_text), output_dir=str(out / "healed"), overwrite=True,
         seq_len=args.seq_len, max_steps=args.heal_steps, batch_size=args.batch_size, grad_accum=1,
-        learning_rate=args.learning_rate, warmup_steps=10, eval_fraction=0.0, trainable="all", logging_steps=10,
+        learning_rate=args.learning_rate, gate_learning_rate=args.gate_learning_rate, warmup_steps=10,
+        eval_fraction=0.0, trainable="all", logging_steps=10,
         seed=0, trust_remote_code=False,
     )
     healing = train_bsbr.main(heal_args)
@@ -162,6 +166,8 @@ def main(argv=None):
     parser.add_argument("--heal-steps", type=int, default=100, help="steps of healing (and of the control fine-tune)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--gate-learning-rate", type=float, default=1e-2, help="healing: learning rate of the gates")
+    parser.add_argument("--reuse-stock", action="store_true", help="reuse the stock GPT-2 of an earlier run")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--eval-chars", type=int, default=60_000, help="characters of held-out text to score")
     args = parser.parse_args(argv)

@@ -58,6 +58,24 @@ def set_trainable(model, trainable):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def make_optimizer(model, learning_rate, gate_learning_rate, weight_decay=0.01):
+    """AdamW; the scalar retrieval gates get their own learning rate and no weight decay, which would pull them back
+    to 0 (at the common learning rate a gate moves by about learning_rate per step, too slowly to open)."""
+    gates, decayed, plain = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith("retrieval_gate"):
+            gates.append(param)
+        elif param.ndim >= 2:
+            decayed.append(param)
+        else:
+            plain.append(param)  # biases and layer norms, without decay as usual
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0},
+              {"params": gates, "weight_decay": 0.0, "lr": gate_learning_rate}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+
+
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="GPT2-BSBR folder or Hub id (from `graftlm convert bsbr`)")
     parser.add_argument("--text", required=True, help="UTF-8 training text file")
@@ -69,6 +87,8 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=4, help="windows per device and step")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--gate-learning-rate", type=float, default=1e-2,
+                        help="learning rate of the per-head retrieval gates (no weight decay), which start at 0")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of the text held out for evaluation")
     parser.add_argument("--trainable", choices=["all", "retrieval"], default="all",
@@ -111,14 +131,14 @@ def main(args):
             learning_rate=args.learning_rate,
             warmup_steps=args.warmup_steps,
             lr_scheduler_type="cosine",
-            weight_decay=0.01,
             logging_steps=args.logging_steps,
             eval_strategy="no",
             save_strategy="no",
             report_to="none",
             seed=args.seed,
         )
-        trainer = Trainer(model=model, args=training_args, train_dataset=train_set)
+        trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
+                          optimizers=(make_optimizer(model, args.learning_rate, args.gate_learning_rate), None))
         result = trainer.train()
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": seq_len,
                    "trainable": args.trainable, "trainable_parameters": trainable}
