@@ -1,5 +1,7 @@
 """GPT2-BSBR: parity with GPT-2, causality, cache == no-cache, padding, save/export/remote code, errors, training."""
 
+import copy
+import functools
 import json
 
 import pytest
@@ -31,10 +33,20 @@ def base4(tmp_path_factory):
     return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2_4heads"), seed=2, **GPT2_CONFIGS["4heads"])
 
 
-def trained(base, seed=0, **options):
+@functools.cache
+def _converted(base, compression_factor):
+    return convert_gpt2_to_bsbr(base, chunk_size=CHUNK, compression_factor=compression_factor)
+
+
+def converted(base, compression_factor=None):
+    """(model, report) of the conversion with chunk_size CHUNK: a fresh copy of one conversion per option set."""
+    return copy.deepcopy(_converted(base, compression_factor))
+
+
+def trained(base, seed=0, compression_factor=None):
     """A converted model moved away from its conversion point, as healing would: non-zero gates and perturbed
     meta/compression projections, so the retrieval term contributes to every output."""
-    model, _ = convert_gpt2_to_bsbr(base, **{"chunk_size": CHUNK, **options})
+    model, _ = converted(base, compression_factor)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -67,7 +79,7 @@ def block_diagonal_reference(stock, ids, chunk):
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_equals_stock_gpt2_on_inputs_no_longer_than_a_chunk(base, compression_factor, attn_implementation):
     stock = GPT2LMHeadModel.from_pretrained(base, attn_implementation=attn_implementation).eval()
-    model, report = convert_gpt2_to_bsbr(base, chunk_size=CHUNK, compression_factor=compression_factor)
+    model, report = converted(base, compression_factor)
     ids, mask, _ = padded_batch(CHUNK, pads=(0, 3))
     with torch.no_grad():
         expected = stock(input_ids=ids, attention_mask=mask).logits
@@ -80,7 +92,7 @@ def test_equals_stock_gpt2_on_inputs_no_longer_than_a_chunk(base, compression_fa
 @pytest.mark.parametrize("length", [CHUNK + 1, 5 * CHUNK + 3, 128])
 def test_gate_zero_equals_block_diagonal_gpt2_at_any_length(base, length):
     stock = GPT2LMHeadModel.from_pretrained(base, attn_implementation="eager").eval()
-    model, _ = convert_gpt2_to_bsbr(base, chunk_size=CHUNK, compression_factor=2)
+    model, _ = converted(base, compression_factor=2)
     ids, _, _ = padded_batch(length, pads=(0, 0))
     with torch.no_grad():
         got = model(input_ids=ids).logits
@@ -214,7 +226,7 @@ def test_save_and_load_give_identical_logits(base4, tmp_path):
 def test_exported_folder_loads_without_graftlm_and_generates_the_same_tokens(base4, tmp_path):
     from transformers import AutoTokenizer
 
-    model, report = convert_gpt2_to_bsbr(base4, chunk_size=CHUNK, compression_factor=2)
+    model, report = converted(base4, compression_factor=2)
     with torch.no_grad():
         for block in model.transformer.h:
             block.attn.retrieval_gate.fill_(0.8)
@@ -278,7 +290,7 @@ def test_raised_n_positions_tiles_the_learned_table_and_runs_longer_inputs(base4
 
 
 def test_gradients_reach_the_gate_at_conversion_and_the_projections_once_it_opens(base4):
-    model, _ = convert_gpt2_to_bsbr(base4, chunk_size=CHUNK)
+    model, _ = converted(base4)
     ids, _, _ = padded_batch(3 * CHUNK, pads=(0, 0))
     model(input_ids=ids, labels=ids).loss.backward()
     attn = model.transformer.h[0].attn
@@ -354,7 +366,7 @@ def test_non_gpt2_checkpoint_is_refused():
 
 
 def test_input_longer_than_n_positions_is_refused(base4):
-    model, _ = convert_gpt2_to_bsbr(base4, chunk_size=CHUNK)
+    model, _ = converted(base4)
     with pytest.raises(ValueError, match="n_positions=128"):
         model(input_ids=torch.zeros(1, 129, dtype=torch.long))
     cache = model(input_ids=torch.zeros(1, 120, dtype=torch.long), use_cache=True).past_key_values
@@ -369,7 +381,7 @@ def test_other_bad_options_and_inputs_are_refused(base4):
         convert_gpt2_to_bsbr(base4, n_positions=64)
     with pytest.raises(ValueError, match="feature_map"):
         convert_gpt2_to_bsbr(base4, feature_map="relu")
-    model, _ = convert_gpt2_to_bsbr(base4, chunk_size=CHUNK)
+    model, _ = converted(base4)
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="output_attentions"):
         model(input_ids=ids, output_attentions=True)
