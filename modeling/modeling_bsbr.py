@@ -26,6 +26,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
@@ -400,10 +401,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        elif not isinstance(logits_to_keep, int):
-            hidden = hidden[:, logits_to_keep]
+        hidden = slice_logits_to_keep(hidden, logits_to_keep)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, eager_attention_forward
 from transformers.pytorch_utils import Conv1D
 
@@ -333,10 +333,7 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
             output_gates=output_gates,
         )
         hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        elif not isinstance(logits_to_keep, int):
-            hidden = hidden[:, logits_to_keep]
+        hidden = slice_logits_to_keep(hidden, logits_to_keep)
         logits = self.lm_head(hidden)
 
         # Dual ascent on log(lambda): d aux / d log(lambda) = lambda * (H - H_target), so lambda rises while the

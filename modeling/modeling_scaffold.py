@@ -24,7 +24,7 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 from transformers.utils import TransformersKwargs, cached_file
 
@@ -355,11 +355,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         if output_hidden_states:
             all_hidden.append(hidden_states)
 
-        if isinstance(logits_to_keep, int):
-            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            kept = hidden_states[:, logits_to_keep]
-        logits = self.base.lm_head(kept)
+        logits = self.base.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.base_config.vocab_size, **loss_kwargs)
