@@ -41,10 +41,14 @@ class ConversionReport:
     new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
 
 
-def dfa_config_from_gpt2(gpt2_config, **options):
+def _check_options(options):
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise TypeError(f"unknown DFA option(s): {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+
+
+def dfa_config_from_gpt2(gpt2_config, **options):
+    _check_options(options)
     fields = {k: v for k, v in gpt2_config.to_dict().items() if k not in _META_KEYS}
     return DFAConfig(**fields, **{**OPTIONS, **options})
 
@@ -55,12 +59,9 @@ def convert_gpt2_to_dfa(base, **options):
     Raises ConversionError when `base` is not a GPT-2 checkpoint or its weights do not match GPT-2's
     layout, and TypeError on an unknown option.
     """
-    config_options = dict(options)
-    unknown = sorted(set(config_options) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown DFA option(s): {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+    _check_options(options)  # before any loading
     stock = load_stock_gpt2(base)
-    config = dfa_config_from_gpt2(stock.config, **config_options)
+    config = dfa_config_from_gpt2(stock.config, **options)
     config._attn_implementation = stock.config._attn_implementation
     model = DFAForCausalLM(config)
     source = stock.state_dict()
@@ -72,7 +73,7 @@ def convert_gpt2_to_dfa(base, **options):
     input_ids, attention_mask = probe_batch(config.vocab_size, seq_len=min(32, config.n_positions))
     delta = max_logit_delta(model, stock, input_ids, attention_mask)
     logger.info("converted %s to GPT2-DFA: max |delta logits| vs stock GPT-2 = %.3g", base, delta)
-    report = ConversionReport(str(base), {**OPTIONS, **config_options}, delta, model.num_parameters())
+    report = ConversionReport(str(base), {**OPTIONS, **options}, delta, model.num_parameters())
     return model, report
 
 

@@ -177,7 +177,7 @@ def demo_architecture(arch, base, encoder, output_dir, tokenizer, stock, new_tok
         "cached == uncached": torch.equal(ours, uncached),
         "parameters vs stock": f"{model.num_parameters() / stock.num_parameters():.3f}x",
         "decoding tokens/s vs stock": f"{speed / speed_stock:.2f}x",
-        "sample": sample[:40],
+        "sample": repr(sample[:32]),
     }
 
 

@@ -205,6 +205,7 @@ class DFAModel(DFAPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         output_gates=None,
+        output_regularizers=True,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
@@ -252,21 +253,23 @@ class DFAModel(DFAPreTrainedModel):
             hidden_states, weights, probs, gates = block(
                 hidden_states, causal_mask, past_key_values, first_token_index, **kwargs
             )
-            entropies.append(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1))  # (batch, seq or 1)
+            if output_regularizers:
+                entropies.append(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1))  # (batch, seq or 1)
             all_attn.append(weights)
             all_gates.append(gates)
         hidden_states = self.ln_f(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
 
-        entropy = torch.stack(entropies)  # (layers, batch, seq or 1)
-        if mask_2d is not None and entropy.shape[-1] == seq:
-            real = mask_2d[:, -seq:].to(entropy.dtype)
-            gate_entropy = (entropy * real).sum() / (real.sum() * len(self.h)).clamp_min(1)
-        else:
-            gate_entropy = entropy.mean()
-        masks = [m for block in self.h for m in block.attn.masks()]
-        mask_mean = torch.cat([m.flatten() for m in masks]).mean()
+        gate_entropy = mask_mean = None
+        if output_regularizers:
+            entropy = torch.stack(entropies)  # (layers, batch, seq or 1)
+            if mask_2d is not None and entropy.shape[-1] == seq:
+                real = mask_2d[:, -seq:].to(entropy.dtype)
+                gate_entropy = (entropy * real).sum() / (real.sum() * len(self.h)).clamp_min(1)
+            else:
+                gate_entropy = entropy.mean()
+            mask_mean = torch.cat([m.flatten() for block in self.h for m in block.attn.masks()]).mean()
         return DFAModelOutput(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values,
@@ -318,9 +321,14 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
         output_attentions=None,
         output_hidden_states=None,
         output_gates=None,
+        output_regularizers=None,
         logits_to_keep=0,
         **kwargs,
     ):
+        """output_regularizers: compute the aux loss and its parts (default: when labels are given or in training;
+        generate() skips them, so decoding pays nothing for the regulariser)."""
+        if output_regularizers is None:
+            output_regularizers = labels is not None or self.training
         out = self.transformer(
             input_ids=input_ids,
             past_key_values=past_key_values,
@@ -331,22 +339,24 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_gates=output_gates,
+            output_regularizers=output_regularizers,
         )
         hidden = out.last_hidden_state
         hidden = slice_logits_to_keep(hidden, logits_to_keep)
         logits = self.lm_head(hidden)
 
-        # Dual ascent on log(lambda): d aux / d log(lambda) = lambda * (H - H_target), so lambda rises while the
-        # entropy is below target and falls while above; the model itself sees only -lambda * H.
-        weight = self.transformer.log_entropy_weight.exp()
-        entropy = out.gate_entropy
-        aux_loss = -weight.detach() * entropy + weight * (entropy.detach() - self.target_entropy())
-        aux_loss = aux_loss + self.config.mask_sparsity_weight * out.mask_mean
-
-        ce_loss = loss = None
+        aux_loss = entropy = weight = active = ce_loss = loss = None
+        if output_regularizers:
+            # Dual ascent on log(lambda): d aux / d log(lambda) = lambda * (H - H_target), so lambda rises while the
+            # entropy is below target and falls while above; the model itself sees only -lambda * H.
+            weight = self.transformer.log_entropy_weight.exp()
+            entropy = out.gate_entropy
+            aux_loss = -weight.detach() * entropy + weight * (entropy.detach() - self.target_entropy())
+            aux_loss = aux_loss + self.config.mask_sparsity_weight * out.mask_mean
+            entropy, weight, active = entropy.detach(), weight.detach(), self.transformer.active_dim_fraction()
         if labels is not None:
             ce_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = ce_loss + aux_loss
+            loss = ce_loss if aux_loss is None else ce_loss + aux_loss
         return DFACausalLMOutput(
             loss=loss,
             logits=logits,
@@ -355,9 +365,9 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
             attentions=out.attentions,
             ce_loss=ce_loss,
             aux_loss=aux_loss,
-            gate_entropy=entropy.detach(),
-            entropy_weight=weight.detach(),
-            active_dim_fraction=self.transformer.active_dim_fraction(),
+            gate_entropy=entropy,
+            entropy_weight=weight,
+            active_dim_fraction=active,
             gates=out.gates,
         )
 

@@ -139,6 +139,19 @@ def test_outputs_carry_each_loss_part(tiny_gpt2_dir):
     assert out.aux_loss.item() == pytest.approx(expected_aux, rel=1e-5)
 
 
+def test_regularizers_are_computed_for_training_and_on_request_only(tiny_gpt2_dir):
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir)
+    ids, _ = left_padded_batch()
+    with torch.no_grad():
+        plain = model(input_ids=ids)
+        asked = model(input_ids=ids, output_regularizers=True)
+    assert plain.aux_loss is None and plain.gate_entropy is None
+    assert asked.aux_loss is not None and asked.active_dim_fraction.item() == 1.0
+    torch.testing.assert_close(plain.logits, asked.logits)
+    model.train()
+    assert model(input_ids=ids).aux_loss is not None
+
+
 def test_one_optimisation_step_moves_gates_masks_and_lambda(tiny_gpt2_dir):
     model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, mask_sparsity_weight=0.01)
     model.train()
