@@ -16,7 +16,15 @@ from transformers import GenerationConfig, GPT2Config
 
 from ..configuration.configuration_bridge import BRIDGE_TYPES, BridgeConfig
 from ..modeling.modeling_bridge import BridgeForConditionalGeneration
-from .common import ConversionError, copy_weights, load_stock_bert, load_stock_gpt2, load_tokenizer, probe_batch
+from .common import (
+    ConversionError,
+    card_tables,
+    copy_weights,
+    load_stock_bert,
+    load_stock_gpt2,
+    load_tokenizer,
+    probe_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +183,7 @@ def convert_bert_gpt2_to_bridge(encoder, decoder, **options):
 
 
 def model_card(report, repo_id):
-    options = "\n".join(f"| `{k}` | `{v}` |" for k, v in report.options.items())
-    new_modules = "\n".join(f"- `{k}`: {v}" for k, v in report.new_modules.items())
+    options, new_modules = card_tables(report)
     metadata = {
         "library_name": "transformers",
         "base_model": [report.encoder, report.decoder],

@@ -19,7 +19,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from ..configuration.configuration_bsbr import FEATURE_MAPS, BSBRConfig
 from ..modeling.modeling_bsbr import BSBRForCausalLM, block_average
-from .common import ConversionError, copy_weights, load_stock_gpt2, max_logit_delta, probe_batch
+from .common import ConversionError, card_tables, copy_weights, load_stock_gpt2, max_logit_delta, probe_batch
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +189,7 @@ def state_sizes(config):
 
 
 def model_card(report, repo_id, config):
-    options = "\n".join(f"| `{k}` | `{v}` |" for k, v in report.options.items())
-    new_modules = "\n".join(f"- `{k}`: {v}" for k, v in report.new_modules.items())
+    options, new_modules = card_tables(report)
     sizes = state_sizes(config)
     if report.n_positions > report.base_n_positions:
         positions = (f"raised from {report.base_n_positions} to {report.n_positions}: position p >= "

@@ -118,3 +118,10 @@ def load_tokenizer(name_or_path, required=True):
             raise ConversionError(f"no tokenizer could be loaded from {name_or_path!r}: {err}") from err
         logger.warning("no tokenizer found at %s; the export will carry none", name_or_path)
         return None
+
+
+def card_tables(report):
+    """Model-card markdown for a conversion report: (options table rows, bullet list of new modules)."""
+    options = "\n".join(f"| `{k}` | `{v}` |" for k, v in report.options.items())
+    new_modules = "\n".join(f"- `{k}`: {v}" for k, v in report.new_modules.items())
+    return options, new_modules

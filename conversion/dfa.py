@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ..configuration.configuration_dfa import DFAConfig
 from ..modeling.modeling_dfa import DFAForCausalLM
-from .common import ConversionError, copy_weights, load_stock_gpt2, max_logit_delta, probe_batch
+from .common import ConversionError, card_tables, copy_weights, load_stock_gpt2, max_logit_delta, probe_batch
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def convert_gpt2_to_dfa(base, **options):
 
 
 def model_card(report, repo_id):
-    options = "\n".join(f"| `{k}` | `{v}` |" for k, v in report.options.items())
-    new_modules = "\n".join(f"- `{k}`: {v}" for k, v in report.new_modules.items())
+    options, new_modules = card_tables(report)
     metadata = {
         "library_name": "transformers",
         "base_model": report.base,

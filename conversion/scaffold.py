@@ -14,7 +14,15 @@ from huggingface_hub.errors import StrictDataclassError
 
 from ..configuration.configuration_scaffold import LORA_TARGETS, ScaffoldConfig
 from ..modeling.modeling_scaffold import ScaffoldForCausalLM
-from .common import ConversionError, copy_weights, load_stock_gpt2, load_tokenizer, max_logit_delta, probe_batch
+from .common import (
+    ConversionError,
+    card_tables,
+    copy_weights,
+    load_stock_gpt2,
+    load_tokenizer,
+    max_logit_delta,
+    probe_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +128,7 @@ def check_same_vocabulary(base_tokenizer, scaffold_tokenizer):
 
 
 def model_card(report, repo_id):
-    options = "\n".join(f"| `{k}` | `{v}` |" for k, v in report.options.items())
-    new_modules = "\n".join(f"- `{k}`: {v}" for k, v in report.new_modules.items())
+    options, new_modules = card_tables(report)
     metadata = {
         "library_name": "transformers",
         "base_model": report.base,
