@@ -32,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..configuration.configuration_bsbr import BSBRConfig
 from .bsbr_cache import BSBRCache
+from .gpt2_inputs import checked_position_ids
 
 
 def feature_map(x, name):
@@ -309,15 +310,9 @@ class BSBRModel(BSBRPreTrainedModel):
         if not use_cache:
             past_key_values = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_length + seq > self.config.n_positions:
-            raise ValueError(
-                f"input of {past_length + seq} positions ({past_length} cached + {seq} new) is longer than "
-                f"n_positions={self.config.n_positions}"
-            )
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)[None, :]
-        elif position_ids.numel() and int(position_ids.max()) >= self.config.n_positions:
-            raise ValueError(f"position_ids reach {int(position_ids.max())}, n_positions is {self.config.n_positions}")
+        position_ids = checked_position_ids(
+            inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
+        )
         real = self._real_tokens(attention_mask, batch, seq, past_length, inputs_embeds.device)
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
 

@@ -25,6 +25,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, eager_attention_forw
 from transformers.pytorch_utils import Conv1D
 
 from ..configuration.configuration_dfa import DFAConfig
+from .gpt2_inputs import checked_position_ids
 
 
 @dataclass
@@ -219,18 +220,9 @@ class DFAModel(DFAPreTrainedModel):
         if not use_cache:
             past_key_values = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_length + seq > self.config.n_positions:
-            raise ValueError(
-                f"input of {past_length + seq} positions ({past_length} cached + {seq} new) is longer than "
-                f"n_positions={self.config.n_positions}"
-            )
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)[None, :]
-        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] != past_length + seq:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[1]} positions, expected {past_length + seq} "
-                f"({past_length} cached + {seq} new)"
-            )
+        position_ids = checked_position_ids(
+            inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
+        )
         mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
         first_token_index = (
             mask_2d.long().argmax(dim=1)

@@ -29,6 +29,7 @@ from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 from transformers.utils import TransformersKwargs, cached_file
 
 from ..configuration.configuration_scaffold import ScaffoldConfig
+from .gpt2_inputs import checked_position_ids
 from .scaffold_lora import (
     ADAPTER_SUBFOLDER,
     ADAPTER_WEIGHTS,
@@ -306,18 +307,9 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         if not use_cache:
             past_key_values = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_length + seq > self.config.base_config.n_positions:
-            raise ValueError(
-                f"input of {past_length + seq} positions ({past_length} cached + {seq} new) is longer than the "
-                f"base's n_positions={self.config.base_config.n_positions}"
-            )
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)[None, :]
-        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] != past_length + seq:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[1]} positions, expected {past_length + seq} "
-                f"({past_length} cached + {seq} new)"
-            )
+        position_ids = checked_position_ids(
+            inputs_embeds, past_length, self.config.base_config.n_positions, attention_mask, position_ids
+        )
 
         context = cross_mask = has_key = None
         if weight > 0:
