@@ -14,3 +14,11 @@ def tiny_gpt2_dir(tmp_path_factory):
     from testing_utils import save_tiny_gpt2
 
     return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def matrix_exports(tmp_path_factory):
+    """{architecture: exported folder}: tiny 64-wide conversions with their new modules opened (issue 6 matrix)."""
+    from testing_utils import MATRIX_ARCHS, build_matrix_export
+
+    return {arch: build_matrix_export(arch, tmp_path_factory.mktemp(f"matrix_{arch}")) for arch in MATRIX_ARCHS}

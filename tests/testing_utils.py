@@ -1,5 +1,6 @@
 """Helpers shared by every architecture's tests: tiny stock checkpoints and a fresh, graftlm-free process."""
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -50,3 +51,99 @@ def run_without_graftlm(code, tmp_path, timeout=300):
     from graftlm.isolation import run_without_graftlm as run
 
     return run(code, tmp_path, timeout=timeout)
+
+
+# --- Exports for the Hugging Face integration matrix (issue 6) ----------------------------------------------------
+
+# Parameters that each converter starts at identity (closed gates, zero cross-attention output). The matrix opens
+# them with noise so that every integration runs through the new architecture, not through a copy of stock GPT-2.
+NEW_MODULE_PATTERNS = {
+    "dfa": r"c_gate|_mask$",
+    "bsbr": r"retrieval_gate",
+    "bridge": r"crossattention\.c_proj|^bridge\.|^controls\.",
+    "scaffold": r"^fusers\.\d+\.gate$",
+}
+MATRIX_ARCHS = tuple(NEW_MODULE_PATTERNS)
+MATRIX_WIDTH = 64  # bitsandbytes' CPU 4-bit kernels need >= 64 input features
+
+
+def open_new_modules(model, arch, scale=0.5, seed=0):
+    """Add seeded noise to the architecture's identity-initialised parameters; returns their names."""
+    import re
+
+    generator = torch.Generator().manual_seed(seed)
+    opened = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if re.search(NEW_MODULE_PATTERNS[arch], name):
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+                opened.append(name)
+    if not opened:
+        raise AssertionError(f"no parameter of {arch} matches {NEW_MODULE_PATTERNS[arch]!r}")
+    return opened
+
+
+def build_matrix_export(arch, root):
+    """Convert tiny stock checkpoints into `arch`, open its new modules and export it as a Hub-ready folder."""
+    from graftlm.export import export_model
+
+    root = Path(root)
+    base = save_tiny_gpt2(root / "base", n_embd=MATRIX_WIDTH)
+    tokenizers = {"": gpt2_tokenizer()}
+    if arch == "dfa":
+        from graftlm.conversion.dfa import convert_gpt2_to_dfa
+
+        model, _ = convert_gpt2_to_dfa(base)
+    elif arch == "bsbr":
+        from graftlm.conversion.bsbr import convert_gpt2_to_bsbr
+
+        model, _ = convert_gpt2_to_bsbr(base, chunk_size=8)
+    elif arch == "bridge":
+        from graftlm.conversion.bridge import convert_bert_gpt2_to_bridge
+        from graftlm.conversion.common import load_tokenizer
+
+        model, _ = convert_bert_gpt2_to_bridge(str(minilm_dir()), base, bridge_type="ga", controls=True)
+        tokenizers[""].pad_token = tokenizers[""].eos_token
+        tokenizers["encoder_tokenizer"] = load_tokenizer(minilm_dir())
+    elif arch == "scaffold":
+        from graftlm.conversion.scaffold import convert_gpt2_to_scaffold
+
+        scaffold = save_tiny_gpt2(root / "scaffold", seed=1, n_embd=MATRIX_WIDTH)
+        model, _ = convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=[0, 1])
+    else:
+        raise ValueError(f"unknown architecture {arch!r}")
+    open_new_modules(model, arch)
+    return export_model(model, root / "export", tokenizers=tokenizers)
+
+
+@contextlib.contextmanager
+def remote_code_only():
+    """Hide graftlm's Auto registrations, so that `trust_remote_code=True` loads the exported files themselves.
+
+    transformers prefers a locally registered class over a folder's remote code; inside this block the Auto
+    classes only know the folder's auto_map, exactly as for a user who has never installed graftlm.
+    """
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from graftlm import registry
+
+    archs = registry.all_architectures()
+    hidden = {arch.model_type for arch in archs} | {arch.config_class for arch in archs}
+    auto_names = {name for arch in archs for name in arch.auto_classes}
+    tables = [CONFIG_MAPPING._extra_content] + [getattr(transformers, n)._model_mapping._extra_content for n in auto_names]
+    saved = [dict(table) for table in tables]
+    for table in tables:
+        for key in hidden & set(table):
+            del table[key]
+    try:
+        yield
+    finally:
+        for table, before in zip(tables, saved):
+            table.clear()
+            table.update(before)
+
+
+def is_remote_code(model):
+    """True when `model` comes from an exported folder's code (transformers' dynamic modules), not from graftlm."""
+    return type(model).__module__.startswith("transformers_modules.")
