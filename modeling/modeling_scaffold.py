@@ -22,6 +22,7 @@ from torch import nn
 from transformers import GenerationMixin, GPT2LMHeadModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
@@ -54,7 +55,7 @@ class ScaffoldContext:
     kv: dict = field(default_factory=dict)  # fuser layer -> (key, value), each (batch, heads, scaffold_len, head_dim)
 
 
-class ScaffoldFuser(nn.Module):
+class ScaffoldFuser(GradientCheckpointingLayer):
     """Gated multi-head cross-attention from base states (queries) to scaffold states (keys and values)."""
 
     def __init__(self, config, layer_idx):
@@ -100,6 +101,7 @@ class ScaffoldPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GPT2Block", "ScaffoldFuser"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # GPT-2 blocks (base and scaffold) and fusers
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -334,10 +336,16 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         for i, block in enumerate(gpt2.h):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            cache = past_key_values if not (gpt2.gradient_checkpointing and self.training) else None
-            hidden_states = block(
-                hidden_states, cache, causal_mask, None, use_cache=use_cache, position_ids=position_ids
-            )
+            if gpt2.gradient_checkpointing and self.training:
+                # The base stays in eval mode (no dropout), where GPT2Block does not checkpoint itself: do it here.
+                def run_block(states, block=block):
+                    return block(states, None, causal_mask, None, use_cache=False, position_ids=position_ids)
+
+                hidden_states = gpt2._gradient_checkpointing_func(run_block, hidden_states)
+            else:
+                hidden_states = block(
+                    hidden_states, past_key_values, causal_mask, None, use_cache=use_cache, position_ids=position_ids
+                )
             fuser = self.fusers[str(i)] if str(i) in self.fusers else None
             if fuser is not None and context is not None:
                 if i not in context.kv:
