@@ -79,11 +79,11 @@ class BSBRAttention(nn.Module):
             x = F.linear(x, self.compress_proj.weight.float())
         return feature_map(x, self.config.feature_map)
 
-    def _meta(self, summary):
-        """Chunk summaries (b, ..., n_embd) -> meta-queries R and chunk keys H, each (b, h, ..., head_dim), float32."""
-        r = F.linear(summary, self.meta_r_proj.weight.float().t(), self.meta_r_proj.bias.float())
-        h = F.linear(summary, self.meta_h_proj.weight.float().t(), self.meta_h_proj.bias.float())
-        return self._heads(r), self._heads(h)
+    def _meta(self, summary, dtype):
+        """Chunk summaries (b, ..., n_embd) -> meta-queries R and chunk keys H, each (b, h, ..., head_dim), float32.
+        The projections run as modules on inputs of the activations' `dtype`, so they also work quantized."""
+        summary = summary.to(dtype)
+        return self._heads(self.meta_r_proj(summary).float()), self._heads(self.meta_h_proj(summary).float())
 
     def forward(self, hidden_states, valid, layer_state=None):
         """hidden_states (b, T, n_embd). Without a filled cache, rows are compacted (real tokens first) and `valid`
@@ -125,7 +125,7 @@ class BSBRAttention(nn.Module):
         norms = kf.sum(-2)  # z_j: (b, h, C, s)
         x_sums = (x.float() * valid[..., None]).view(b, n_chunks, chunk, -1).sum(2)  # (b, C, n_embd)
         counts = valid.view(b, n_chunks, chunk).sum(-1, keepdim=True).clamp_min(1)
-        meta_r, meta_h = self._meta(x_sums / counts)  # (b, h, C, d): R from chunk a serves chunk a + 1
+        meta_r, meta_h = self._meta(x_sums / counts, x.dtype)  # (b, h, C, d): R from chunk a serves chunk a + 1
         scores = meta_r @ meta_h.transpose(-1, -2) / math.sqrt(d)  # (b, h, C, C): row a scores chunks j <= a
         future = torch.ones(n_chunks, n_chunks, dtype=torch.bool, device=q.device).triu(1)
         probs = scores.masked_fill(future, torch.finfo(scores.dtype).min).softmax(-1)  # row a = P_{a+1}
@@ -183,10 +183,10 @@ class BSBRAttention(nn.Module):
         st.fill = st.fill + real.long()
         completed = st.fill == chunk
         if bool(completed.any()):
-            self._close_chunks(st, completed)
+            self._close_chunks(st, completed, x.dtype)
         return out
 
-    def _close_chunks(self, st, completed):
+    def _close_chunks(self, st, completed, dtype):
         """Store the state of every row's just-completed chunk and refresh the retrieval state for its next chunk."""
         b = completed.shape[0]
         capacity = st.f_store.shape[2]
@@ -197,7 +197,7 @@ class BSBRAttention(nn.Module):
             st.z_store = F.pad(st.z_store, (0, 0, 0, grow))
             st.h_store = F.pad(st.h_store, (0, 0, 0, grow))
             capacity = needed
-        meta_r, meta_h = self._meta(st.x_run / self.chunk)  # (b, h, d)
+        meta_r, meta_h = self._meta(st.x_run / self.chunk, dtype)  # (b, h, d)
         slots = torch.arange(capacity, device=completed.device)
         write = (slots[None, :] == st.chunks[:, None]) & completed[:, None]  # (b, capacity)
         st.f_store = torch.where(write[:, None, :, None, None], st.f_run[:, :, None], st.f_store)
@@ -243,6 +243,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BSBRBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    # Small modules read as raw weights by the float32 retrieval path: never quantized, float32 under fp16 and bf16.
+    _keep_in_fp32_modules = ["compress_proj"]
+    _keep_in_fp32_modules_strict = ["compress_proj", "retrieval_gate"]
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
 
     @classmethod
