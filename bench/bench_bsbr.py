@@ -18,8 +18,6 @@ import argparse
 import json
 import logging
 import os
-import re
-import statistics
 import sys
 import tempfile
 import time
@@ -28,45 +26,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from graftlm.bench import peak_memory_mb, timed  # the suite's measuring helpers, shared
+
 logger = logging.getLogger("bench_bsbr")
 
 # Targets of issue 3, checked at the longest length measured.
 TARGETS = {"forward_time": 0.5, "peak_memory": 1.1, "cache_size": 0.25, "decode_flatness": 1.2}
-
-
-def _status_kb(key):
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-
-def peak_memory_mb(fn, device):
-    """Run fn() once; return (its result, peak memory above the level before the call, in MiB)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        result = fn()
-        torch.cuda.synchronize()
-        return result, (torch.cuda.max_memory_allocated() - before) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM to the current RSS
-    before = _status_kb("VmRSS")
-    result = fn()
-    return result, (_status_kb("VmHWM") - before) / 2**10
-
-
-def timed(fn, device, repeats):
-    """Best wall time of fn() over `repeats` runs, after one warm-up run (the minimum is the least disturbed by other
-    processes sharing the machine, as timeit recommends)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def cache_bytes(cache):

@@ -1,0 +1,131 @@
+"""The performance suite (`graftlm bench`) in its --quick mode: the structure and arithmetic of its outputs.
+
+No timing thresholds: on toy shapes the numbers are noise; what must hold is that every architecture and measurement
+is there, each ratio is the quotient of the raw figures beside it, and each verdict follows from its target.
+"""
+
+import json
+
+import pytest
+
+from graftlm.bench import ARCHS, CONVERSION_TARGET_S, DECODE_TARGETS, PRUNED_DECODE_TARGET, SIZES, TRAIN_TIME_TARGETS
+from graftlm.cli import main
+
+PROMPTS, BATCHES, NEW_TOKENS = [16, 32], [1, 2], 4  # what --quick sets
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--quick", "--long-context", "--device", "cpu", "--output-dir", str(out)]) == 0
+    return out, json.loads((out / "bench.json").read_text(encoding="utf-8"))
+
+
+def close(a, b):
+    return a == pytest.approx(b, rel=1e-9)
+
+
+def test_run_records_the_machine_and_settings(quick_run):
+    _, results = quick_run
+    machine = results["machine"]
+    for key in ("date", "device", "cpu", "torch_threads", "torch", "transformers", "graftlm", "python"):
+        assert machine[key] not in (None, ""), key
+    assert machine["device"] == "cpu" and machine["gpu"] is None
+    assert results["settings"]["shape"] == SIZES["quick"]
+    assert results["settings"]["prompts"] == PROMPTS and results["settings"]["new_tokens"] == NEW_TOKENS
+
+
+def test_decoding_covers_every_architecture_and_point_with_consistent_ratios(quick_run):
+    _, results = quick_run
+    rows = results["decoding"]
+    assert {(r["arch"], r["prompt"], r["batch"]) for r in rows} == {
+        (a, p, b) for a in ARCHS for p in PROMPTS for b in BATCHES
+    }
+    assert len(rows) == len(ARCHS) * len(PROMPTS) * len(BATCHES)
+    for r in rows:
+        for side in (r["stock"], r["model"]):
+            steps = r["batch"] * (NEW_TOKENS - 1)
+            assert close(side["tokens_per_s"], steps / side["decode_s"]["best_s"])
+            assert side["decode_s"]["best_s"] <= side["decode_s"]["median_s"]
+            assert side["prefill_s"]["best_s"] > 0
+        assert close(r["ratio"], r["model"]["tokens_per_s"] / r["stock"]["tokens_per_s"])
+        assert r["target"] == DECODE_TARGETS[r["arch"]]
+        assert r["verdict"] == ("PASS" if r["ratio"] >= r["target"] else "MISS")
+    # every architecture is compared with the same stock measurement at a given point
+    for p in PROMPTS:
+        for b in BATCHES:
+            stock = {json.dumps(r["stock"], sort_keys=True) for r in rows if (r["prompt"], r["batch"]) == (p, b)}
+            assert len(stock) == 1
+
+
+def test_training_step_ratios_and_the_dfa_target(quick_run):
+    _, results = quick_run
+    rows = {r["arch"]: r for r in results["training"]}
+    assert set(rows) == set(ARCHS)
+    for arch, r in rows.items():
+        assert close(r["time_ratio"], r["model"]["best_s"] / r["stock"]["best_s"])
+        if r["stock"]["peak_mb"] > 0:
+            assert close(r["memory_ratio"], r["model"]["peak_mb"] / r["stock"]["peak_mb"])
+        else:
+            assert r["memory_ratio"] is None
+        assert r["target"] == TRAIN_TIME_TARGETS.get(arch)
+        expected = "report" if r["target"] is None else ("PASS" if r["time_ratio"] <= r["target"] else "MISS")
+        assert r["verdict"] == expected
+        assert r["model"]["trainable_parameters"] > 0
+    # the scaffold trains LoRA and fusers only; the stock model trains everything
+    assert rows["scaffold"]["model"]["trainable_parameters"] < rows["scaffold"]["stock"]["trainable_parameters"]
+
+
+def test_pruning_halves_the_head_dimensions_and_reports_speedups(quick_run):
+    _, results = quick_run
+    pruning = results["pruning"]
+    attention = pruning["attention"]
+    half = SIZES["quick"]["n_embd"] // SIZES["quick"]["n_head"] // 2
+    assert attention["qk_dims"] == [half] * SIZES["quick"]["n_layer"]
+    assert attention["v_dims"] == [half] * SIZES["quick"]["n_layer"]
+    assert close(attention["speedup"], attention["unpruned"]["best_s"] / attention["pruned"]["best_s"])
+    assert {(r["prompt"], r["batch"]) for r in pruning["decoding"]} == {(p, b) for p in PROMPTS for b in BATCHES}
+    for r in pruning["decoding"]:
+        assert close(r["ratio"], r["model"]["tokens_per_s"] / r["stock"]["tokens_per_s"])
+        assert r["verdict"] == ("PASS" if r["ratio"] >= PRUNED_DECODE_TARGET else "MISS")
+    # the unpruned reference is the same DFA measurement the decoding table compares with stock GPT-2
+    dfa = {(r["prompt"], r["batch"]): r["model"] for r in results["decoding"] if r["arch"] == "dfa"}
+    assert all(r["stock"] == dfa[(r["prompt"], r["batch"])] for r in pruning["decoding"])
+
+
+def test_conversion_scaling_and_long_context_sections(quick_run):
+    _, results = quick_run
+    conversion = {r["arch"]: r for r in results["conversion"]}
+    assert set(conversion) == set(ARCHS)
+    for r in conversion.values():
+        assert r["seconds"] > 0 and r["weights_mb"] > 0 and r["target_s"] == CONVERSION_TARGET_S
+        assert r["verdict"] == ("PASS" if r["seconds"] <= CONVERSION_TARGET_S else "MISS")
+    scaling = results["scaling"]
+    for sweep in ("seq", "batch"):
+        assert set(scaling[sweep]["seconds"]) == {"gpt2", *ARCHS}
+        assert all(len(s) == len(scaling[sweep]["x"]) and min(s) > 0 for s in scaling[sweep]["seconds"].values())
+    long_context = results["long_context"]
+    assert [r["n"] for r in long_context["runs"]] == [64, 128]
+    assert set(long_context["targets"]) == {"forward_time", "peak_memory", "cache_size", "decode_flatness"}
+
+
+def test_markdown_table_and_plots_are_written(quick_run):
+    out, results = quick_run
+    table = (out / "bench.md").read_text(encoding="utf-8")
+    for label in ("GPT2-DFA", "GPT2-BSBR", "Bridged", "Scaffolded"):
+        assert table.count(f"| {label} |") >= 4  # decoding rows, training, conversion, scaling
+    for r in results["decoding"]:
+        assert f"| {r['ratio']:.2f}x | >= {r['target']}x | {r['verdict']} |" in table
+    assert results["machine"]["date"] in table and results["machine"]["cpu"] in table
+    for name in ("decoding.png", "training.png", "dfa_pruning.png", "scaling.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+def test_bench_rejects_bad_options_with_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "--quick", "--new-tokens", "1", "--output-dir", str(tmp_path)]) == 2
+    assert "--new-tokens must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--sizes", "small"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "bench.json").exists()
