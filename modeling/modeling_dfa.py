@@ -153,7 +153,10 @@ class DFAPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DFABlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    # The head gates, the q/k/v mask logits and the entropy weight's log are tiny and scale whole heads or, through
+    # exp(), the regulariser: they stay float32 under fp16, bf16 and bitsandbytes (c_gate is never quantized).
     _keep_in_fp32_modules = ["c_gate"]
+    _keep_in_fp32_modules_strict = ["c_gate", "q_mask", "k_mask", "v_mask", "log_entropy_weight"]
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
 
     @torch.no_grad()
