@@ -7,6 +7,7 @@ cross-attention output projection starts at zero, so the converted decoder compu
 on the same decoder input, whatever the encoder input; the conversion measures both parities.
 """
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from transformers import GenerationConfig, GPT2Config
 
 from ..configuration.configuration_bridge import BRIDGE_TYPES, BridgeConfig
 from ..modeling.modeling_bridge import BridgeForConditionalGeneration
+from ..modeling.pipeline_bridge import CUSTOM_PIPELINES
 from .common import (
     ConversionError,
     card_tables,
@@ -152,6 +154,7 @@ def convert_bert_gpt2_to_bridge(encoder, decoder, **options):
     gpt2 = load_stock_gpt2(decoder)
     config = bridge_config(bert.config, gpt2.config, **options)
     model = BridgeForConditionalGeneration(config)
+    model.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)  # pipeline("text2text-generation", ..., trust_remote_code=True)
 
     bert_state = {k: v for k, v in bert.state_dict().items() if k not in SKIPPED_ENCODER_KEYS}
     source = {f"encoder.{k}": v for k, v in bert_state.items()}

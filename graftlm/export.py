@@ -7,6 +7,7 @@ temporary folder beside the target and renamed into place at the end, so the tar
 half-written model.
 """
 
+import importlib
 import inspect
 import logging
 import os
@@ -91,6 +92,22 @@ def auto_map_for(model):
     return auto_map, [type(model.config), *arch.auto_classes.values()]
 
 
+def custom_pipeline_modules(config):
+    """The modules (in graftlm's modeling package) of the pipelines named by config.custom_pipelines, e.g.
+    {"text2text-generation": {"impl": "pipeline_bridge.BridgeText2TextPipeline", ...}}: the export copies them."""
+    modules = []
+    for task, info in (getattr(config, "custom_pipelines", None) or {}).items():
+        module_name, _, class_name = str(info.get("impl", "")).rpartition(".")
+        try:
+            module = importlib.import_module(f"{__package__}.modeling.{module_name}")
+        except ImportError:
+            module = None
+        if module is None or not hasattr(module, class_name):
+            raise ExportError(f"custom pipeline {task!r}: {info.get('impl')!r} is no class in graftlm's modeling package")
+        modules.append(module)
+    return modules
+
+
 def _yaml_value(value):
     if isinstance(value, (list, tuple)):
         return "\n" + "\n".join(f"- {v}" for v in value)
@@ -118,7 +135,7 @@ def export_model(model, output_dir, *, tokenizers=None, card=None, overwrite=Fal
     check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     auto_map, classes = auto_map_for(model)
-    sources = collect_sources(*[inspect.getmodule(cls) for cls in classes])
+    sources = collect_sources(*[inspect.getmodule(cls) for cls in classes], *custom_pipeline_modules(model.config))
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
