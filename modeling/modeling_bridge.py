@@ -98,6 +98,10 @@ class BridgePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["BertLayer", "GPT2Block"]
     _skip_keys_device_placement = ["past_key_values"]
+    # The new modules that training opens (the bridge, the decoding-control heads with one output each) stay float32
+    # and unquantized under fp16, bf16 and bitsandbytes; encode() casts into and out of them.
+    _keep_in_fp32_modules = ["bridge", "controls"]
+    _keep_in_fp32_modules_strict = ["bridge", "controls"]
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -158,12 +162,12 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
                                           ("output_hidden_states", output_hidden_states)) if v}
         bert = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             inputs_embeds=inputs_embeds, return_dict=True, **bert_kwargs)
-        bridged = self.bridge(bert.last_hidden_state)
+        bridged = self.bridge(bert.last_hidden_state.to(self.bridge.ln.weight.dtype))
         temperature = top_k = None
         if self.controls is not None:
             temperature, top_k = self.controls(bridged, attention_mask)
         return BridgeEncoderOutput(
-            last_hidden_state=bridged,
+            last_hidden_state=bridged.to(self.decoder.transformer.ln_f.weight.dtype),
             hidden_states=bert.hidden_states,
             attentions=bert.attentions,
             bert_last_hidden_state=bert.last_hidden_state,
