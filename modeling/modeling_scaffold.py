@@ -85,13 +85,15 @@ class ScaffoldFuser(GradientCheckpointingLayer):
         """hidden_states (batch, seq, width); attention_mask additive (batch, 1, seq, scaffold_len);
         has_key (batch, seq): False where a position sees no scaffold token (its update is zeroed)."""
         batch, seq, width = hidden_states.shape
-        q = self.q_proj(self.ln(hidden_states)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        x = hidden_states.to(self.ln.weight.dtype)  # the fuser stays float32 under fp16/bf16 (_keep_in_fp32_modules)
+        q = self.q_proj(self.ln(x)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        attention_mask = attention_mask.to(q.dtype)
         attention = eager_attention_forward
         if self.config._attn_implementation not in (None, "eager"):
             attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         out, _ = attention(self, q, key, value, attention_mask, dropout=0.0, scaling=self.scaling)  # (b, seq, h, d)
         out = self.o_proj(out.reshape(batch, seq, width)) * has_key[..., None].to(out.dtype)
-        return hidden_states + (weight * self.config.influence) * torch.tanh(self.gate).to(out.dtype) * out
+        return hidden_states + ((weight * self.config.influence) * torch.tanh(self.gate) * out).to(hidden_states.dtype)
 
 
 class ScaffoldPreTrainedModel(PreTrainedModel):
@@ -99,6 +101,10 @@ class ScaffoldPreTrainedModel(PreTrainedModel):
     config_class = ScaffoldConfig
     base_model_prefix = ""
     _no_split_modules = ["GPT2Block", "ScaffoldFuser"]
+    # The fusers (what training opens on top of the frozen base) stay float32 and unquantized under fp16, bf16 and
+    # bitsandbytes, so that they train in full precision, also as peft modules_to_save over a 4-bit base.
+    _keep_in_fp32_modules = ["fusers"]
+    _keep_in_fp32_modules_strict = ["fusers"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     supports_gradient_checkpointing = True  # GPT-2 blocks (base and scaffold) and fusers
@@ -349,7 +355,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
             fuser = self.fusers[str(i)] if str(i) in self.fusers else None
             if fuser is not None and context is not None:
                 if i not in context.kv:
-                    context.kv[i] = fuser.project(context.states.to(hidden_states.dtype))
+                    context.kv[i] = fuser.project(context.states.to(fuser.ln.weight.dtype))
                 hidden_states = fuser(hidden_states, *context.kv[i], cross_mask, has_key, weight)
         hidden_states = gpt2.ln_f(hidden_states)
         if output_hidden_states:
