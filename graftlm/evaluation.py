@@ -37,19 +37,110 @@ def perplexity(model, input_ids, max_length, stride=None, progress=False):
     return math.exp(total_nll / total_tokens), total_tokens
 
 
-def evaluate_perplexity(name_or_path, text_file, max_length=None, stride=None, trust_remote_code=False):
-    """Perplexity of the model at `name_or_path` on a UTF-8 text file; returns a JSON-ready dict."""
+def causal_perplexity(name_or_path, texts, max_length=None, stride=None, trust_remote_code=False):
+    """Perplexity of a causal LM on each text (strided windows) and over all of them (tokens pooled)."""
     from .inference import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if model.config.is_encoder_decoder:
-        raise ValueError(f"{name_or_path} is an encoder-decoder model; `graftlm eval` scores causal LMs")
-    text = Path(text_file).read_text(encoding="utf-8")
-    input_ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        raise ValueError(f"{name_or_path} is an encoder-decoder model: score it with sources and targets")
     n_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     max_length = max_length or n_positions
     if max_length > n_positions:
         raise ValueError(f"max_length={max_length} is longer than the model's n_positions={n_positions}")
-    ppl, tokens = perplexity(model, input_ids, max_length, stride, progress=True)
-    return {"model": str(name_or_path), "text": str(text_file), "max_length": max_length,
-            "stride": stride or max_length, "tokens_scored": tokens, "perplexity": ppl}
+    perplexities, total_nll, total_tokens = [], 0.0, 0
+    for text in tqdm(texts, desc="texts", disable=len(texts) < 2):
+        ppl, tokens = perplexity(model, tokenizer(text, return_tensors="pt").input_ids[0], max_length, stride,
+                                 progress=len(texts) == 1)
+        perplexities.append(ppl)
+        total_nll, total_tokens = total_nll + math.log(ppl) * tokens, total_tokens + tokens
+    return {"perplexity": math.exp(total_nll / total_tokens), "perplexities": perplexities,
+            "tokens_scored": total_tokens, "max_length": max_length, "stride": stride or max_length}
+
+
+@torch.no_grad()
+def seq2seq_perplexity(name_or_path, sources, targets, trust_remote_code=False):
+    """Perplexity of each target given its source under a seq2seq model (target tokens + eos scored, as in training)
+    and over all pairs (tokens pooled). GraftLM exports keep the encoder's tokenizer in `encoder_tokenizer/`."""
+    from transformers import AutoTokenizer
+
+    from .inference import load_model_and_tokenizer
+
+    if len(sources) != len(targets):
+        raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+    model, target_tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    if not model.config.is_encoder_decoder:
+        raise ValueError(f"{name_or_path} is not an encoder-decoder model: score it with texts")
+    try:
+        source_tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="encoder_tokenizer")
+    except OSError:
+        source_tokenizer = target_tokenizer
+    device = next(model.parameters()).device
+    perplexities, total_nll, total_tokens = [], 0.0, 0
+    for source, target in tqdm(list(zip(sources, targets)), desc="pairs", disable=len(sources) < 2):
+        inputs = source_tokenizer(source, return_tensors="pt").to(device)
+        labels = target_tokenizer(target, add_special_tokens=False, return_tensors="pt").input_ids
+        labels = torch.cat([labels, torch.tensor([[target_tokenizer.eos_token_id]])], dim=1).to(device)
+        logits = model(**inputs, labels=labels).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="sum").item()
+        perplexities.append(math.exp(nll / labels.shape[1]))
+        total_nll, total_tokens = total_nll + nll, total_tokens + labels.shape[1]
+    return {"perplexity": math.exp(total_nll / total_tokens), "perplexities": perplexities,
+            "tokens_scored": total_tokens}
+
+
+def metric_path(name):
+    """Folder of a local `evaluate` metric module shipped in graftlm/metrics: evaluate.load(metric_path(name))."""
+    path = Path(__file__).parent / "metrics" / name
+    if not (path / f"{name}.py").is_file():
+        raise ValueError(f"no metric module {name!r} in {path.parent}")
+    return str(path)
+
+
+def read_pairs(pairs_file=None, sources_file=None, targets_file=None, src_field="src", tgt_field="tgt"):
+    """(sources, targets) from a JSONL file with src/tgt fields, or from two files with one text per line."""
+    import json
+
+    if (pairs_file is None) == (sources_file is None and targets_file is None):
+        raise ValueError("give either a JSONL pairs file or both a sources and a targets file")
+    if pairs_file is not None:
+        records = [json.loads(line) for line in Path(pairs_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        for i, record in enumerate(records, 1):
+            if not isinstance(record, dict) or not {src_field, tgt_field} <= set(record):
+                raise ValueError(f"{pairs_file}: record {i} has no {src_field!r} and {tgt_field!r} fields")
+        return [r[src_field] for r in records], [r[tgt_field] for r in records]
+    if sources_file is None or targets_file is None:
+        raise ValueError("--sources and --targets go together")
+    sources = Path(sources_file).read_text(encoding="utf-8").splitlines()
+    targets = Path(targets_file).read_text(encoding="utf-8").splitlines()
+    if len(sources) != len(targets):
+        raise ValueError(f"{sources_file} has {len(sources)} lines but {targets_file} has {len(targets)}")
+    return sources, targets
+
+
+def evaluate_perplexity(name_or_path, text_file=None, max_length=None, stride=None, trust_remote_code=False,
+                        pairs_file=None, sources_file=None, targets_file=None):
+    """`graftlm eval`: perplexity through graftlm's evaluate metric modules; returns a JSON-ready dict.
+
+    Causal LMs: the UTF-8 `text_file` in strided windows. Seq2seq models: targets given sources, from a JSONL
+    `pairs_file` (src/tgt) or from `sources_file` + `targets_file` (one text per line)."""
+    import evaluate
+    from transformers import AutoConfig
+
+    import graftlm  # noqa: F401  registers the GraftLM architectures
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    common = {"model_id": str(name_or_path), "trust_remote_code": trust_remote_code}
+    if config.is_encoder_decoder:
+        if text_file is not None or max_length is not None or stride is not None:
+            raise ValueError("a seq2seq model is scored on --pairs or --sources/--targets, without --text, "
+                             "--max-length or --stride")
+        sources, targets = read_pairs(pairs_file, sources_file, targets_file)
+        result = evaluate.load(metric_path("seq2seq_perplexity")).compute(sources=sources, targets=targets, **common)
+        return {"model": str(name_or_path), "pairs": len(sources), **result}
+    if text_file is None or pairs_file or sources_file or targets_file:
+        raise ValueError("a causal LM is scored on --text (not --pairs/--sources/--targets)")
+    text = Path(text_file).read_text(encoding="utf-8")
+    result = evaluate.load(metric_path("perplexity")).compute(predictions=[text], max_length=max_length,
+                                                                stride=stride, **common)
+    return {"model": str(name_or_path), "text": str(text_file), **result}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .training import add_trainer_options, loss_history, trainer_arguments, write_metrics
+
 logger = logging.getLogger(__name__)
 
 ENCODER_TOKENIZER_SUBFOLDER = "encoder_tokenizer"
@@ -132,10 +134,11 @@ def add_arguments(parser):
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")
+    add_trainer_options(parser)
 
 
 def main(args):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from .export import check_output_dir, export_model
 
@@ -153,29 +156,16 @@ def main(args):
     logger.info("training %s on %d pairs (%s)", args.model, len(train_set), args.data)
 
     with tempfile.TemporaryDirectory(prefix="bridge-train-") as work_dir:
-        training_args = TrainingArguments(
-            output_dir=work_dir,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=args.batch_size,
-            gradient_accumulation_steps=args.grad_accum,
-            learning_rate=args.learning_rate,
-            warmup_steps=args.warmup_steps,
-            lr_scheduler_type="linear",
-            weight_decay=0.01,
-            logging_steps=args.logging_steps,
-            eval_strategy="no",
-            save_strategy="no",
-            report_to="none",
-            remove_unused_columns=False,
+        training_args = trainer_arguments(
+            args, work_dir, lr_scheduler_type="linear", weight_decay=0.01, remove_unused_columns=False,
             prediction_loss_only=True,
             ddp_find_unused_parameters=False,  # every bridge parameter takes part in a training forward pass
-            seed=args.seed,
         )
         trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                           data_collator=BridgeCollator(source_tokenizer.pad_token_id))
         result = trainer.train()
-        metrics = {"train_loss": result.training_loss, "steps": result.global_step, "train_pairs": len(train_set)}
+        metrics = {"train_loss": result.training_loss, "steps": result.global_step, "train_pairs": len(train_set),
+                   "loss_history": loss_history(trainer)}
         if eval_set is not None:
             eval_loss = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50.0)))
@@ -183,7 +173,7 @@ def main(args):
             model.eval()
             tokenizers = {"": target_tokenizer, ENCODER_TOKENIZER_SUBFOLDER: source_tokenizer}
             folder = export_model(model, args.output_dir, tokenizers=tokenizers, overwrite=args.overwrite)
-            (folder / "training_metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            write_metrics(folder, "training_metrics.json", metrics)
             print(json.dumps(metrics, indent=2))
             print(f"exported to {folder}")
     return metrics

@@ -16,37 +16,12 @@ from pathlib import Path
 
 import torch
 
+from .training import add_text_training_arguments, loss_history, split_blocks, trainer_arguments, write_metrics
+
 logger = logging.getLogger(__name__)
 
 # Parameters BSBR adds to GPT-2; `--trainable retrieval` trains only these.
 RETRIEVAL_PARAMETERS = ("meta_r_proj", "meta_h_proj", "retrieval_gate", "compress_proj")
-
-
-class TokenBlocks(torch.utils.data.Dataset):
-    """Consecutive, non-overlapping windows of `seq_len` tokens; labels are the inputs (the model shifts them)."""
-
-    def __init__(self, ids, seq_len):
-        self.blocks = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
-
-    def __len__(self):
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i):
-        block = self.blocks[i]
-        return {"input_ids": block, "attention_mask": torch.ones_like(block), "labels": block}
-
-
-def split_blocks(ids, seq_len, eval_fraction):
-    """(train, eval) TokenBlocks: the last `eval_fraction` of the tokens is held out."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    cut = int(ids.numel() * (1.0 - eval_fraction))
-    train, held_out = TokenBlocks(ids[:cut], seq_len), TokenBlocks(ids[cut:], seq_len)
-    if len(train) == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens: too few for one training window of {seq_len}")
-    if eval_fraction > 0 and len(held_out) == 0:
-        raise ValueError(f"the held-out {eval_fraction:.0%} of the text is shorter than one window of {seq_len} tokens")
-    return train, held_out
 
 
 def set_trainable(model, trainable):
@@ -77,29 +52,17 @@ def make_optimizer(model, learning_rate, gate_learning_rate, weight_decay=0.01):
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="GPT2-BSBR folder or Hub id (from `graftlm convert bsbr`)")
-    parser.add_argument("--text", required=True, help="UTF-8 training text file")
-    parser.add_argument("--output-dir", required=True, help="folder for the healed, exported model")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_text_training_arguments(parser, "GPT2-BSBR folder or Hub id (from `graftlm convert bsbr`)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="training window in tokens (default: 4 * chunk_size, at most n_positions)")
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per device and step")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--gate-learning-rate", type=float, default=1e-2,
                         help="learning rate of the per-head retrieval gates (no weight decay), which start at 0")
-    parser.add_argument("--warmup-steps", type=int, default=10)
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of the text held out for evaluation")
     parser.add_argument("--trainable", choices=["all", "retrieval"], default="all",
                         help="train every weight, or only the retrieval modules BSBR adds")
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")
 
 
 def main(args):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from .export import check_output_dir, export_model
     from .inference import load_model_and_tokenizer
@@ -122,26 +85,12 @@ def main(args):
                 len(train_set), seq_len)
 
     with tempfile.TemporaryDirectory(prefix="bsbr-heal-") as work_dir:
-        training_args = TrainingArguments(
-            output_dir=work_dir,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=args.batch_size,
-            gradient_accumulation_steps=args.grad_accum,
-            learning_rate=args.learning_rate,
-            warmup_steps=args.warmup_steps,
-            lr_scheduler_type="cosine",
-            logging_steps=args.logging_steps,
-            eval_strategy="no",
-            save_strategy="no",
-            report_to="none",
-            seed=args.seed,
-        )
+        training_args = trainer_arguments(args, work_dir, lr_scheduler_type="cosine")
         trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                           optimizers=(make_optimizer(model, args.learning_rate, args.gate_learning_rate), None))
         result = trainer.train()
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": seq_len,
-                   "trainable": args.trainable, "trainable_parameters": trainable}
+                   "trainable": args.trainable, "trainable_parameters": trainable, "loss_history": loss_history(trainer)}
         if len(eval_set):
             eval_loss = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
@@ -152,7 +101,7 @@ def main(args):
             for param in model.parameters():
                 param.requires_grad_(True)
             folder = export_model(model, args.output_dir, tokenizers={"": tokenizer}, overwrite=args.overwrite)
-            (folder / "healing_metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            write_metrics(folder, "healing_metrics.json", metrics)
             print(json.dumps(metrics, indent=2))
             print(f"exported to {folder}")
     return metrics

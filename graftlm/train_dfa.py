@@ -1,0 +1,85 @@
+"""Fine-tune a GPT2-DFA model as a causal LM on a text or JSONL file (Trainer-based).
+
+The loss is the model's own `outputs.loss`: cross-entropy plus DFA's regulariser (gate-entropy term with its
+learned weight and the L1 mask sparsity), so the gates and masks train with the language model. Runs on one device
+as `graftlm train dfa ...`, or on several as `accelerate launch -m graftlm.cli train dfa ...`. The result is
+exported like a converted model (remote code, tokenizer, Hub-ready), with training_metrics.json.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .training import add_text_training_arguments, loss_history, split_blocks, trainer_arguments, write_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def read_text(path, text_field="text"):
+    """The training text: a UTF-8 file, or the `text_field` of every record of a .jsonl file joined by newlines."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"text file {path} does not exist")
+    if path.suffix.lower() != ".jsonl":
+        return path.read_text(encoding="utf-8")
+    texts = []
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ValueError(f"{path}:{line_number}: expected an object with a string field {text_field!r}")
+        texts.append(record[text_field])
+    return "\n".join(texts)
+
+
+def add_arguments(parser):
+    add_text_training_arguments(parser, "GPT2-DFA folder or Hub id (from `graftlm convert dfa`)", learning_rate=1e-4)
+    parser.add_argument("--text-field", default="text", help="field holding the text when --text is a .jsonl file")
+    parser.add_argument("--seq-len", type=int, default=128, help="training window in tokens (at most n_positions)")
+
+
+def main(args):
+    from transformers import Trainer
+
+    from .export import check_output_dir, export_model
+    from .inference import load_model_and_tokenizer
+
+    check_output_dir(args.output_dir, args.overwrite)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
+    if model.config.model_type != "gpt2_dfa":
+        raise ValueError(f"{args.model} is a {model.config.model_type!r} model; `graftlm train dfa` needs a GPT2-DFA one")
+    if not 2 <= args.seq_len <= model.config.n_positions:
+        raise ValueError(f"seq_len must be in [2, n_positions={model.config.n_positions}], got {args.seq_len}")
+    ids = tokenizer(read_text(args.text, args.text_field), return_tensors="pt").input_ids[0]
+    train_set, eval_set = split_blocks(ids, args.seq_len, args.eval_fraction)
+    logger.info("training %s on %d windows of %d tokens", args.model, len(train_set), args.seq_len)
+
+    with tempfile.TemporaryDirectory(prefix="dfa-train-") as work_dir:
+        trainer = Trainer(model=model, args=trainer_arguments(args, work_dir, lr_scheduler_type="cosine"),
+                          train_dataset=train_set)
+        result = trainer.train()
+        metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": args.seq_len,
+                   "loss_history": loss_history(trainer)}
+        if len(eval_set):
+            metrics["eval_loss"] = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]  # with the regulariser
+        if trainer.is_world_process_zero():
+            model.eval()
+            folder = export_model(model, args.output_dir, tokenizers={"": tokenizer}, overwrite=args.overwrite)
+            write_metrics(folder, "training_metrics.json", metrics)
+            print(json.dumps(metrics, indent=2))
+            print(f"exported to {folder}")
+    return metrics
+
+
+if __name__ == "__main__":  # accelerate launch -m graftlm.train_dfa --model ... --text ... --output-dir ...
+    parser = argparse.ArgumentParser(prog="graftlm.train_dfa", description=__doc__.splitlines()[0], allow_abbrev=False)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO)
+    main(parser.parse_args())
+    sys.exit(0)

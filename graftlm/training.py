@@ -1,0 +1,95 @@
+"""Pieces the Trainer-based training commands share (`graftlm train dfa`, `graftlm train bsbr`, `graftlm train bridge`):
+token windows of a text file, the common command-line options, and the per-step losses they write as JSON."""
+
+import json
+
+import torch
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Consecutive, non-overlapping windows of `seq_len` tokens; labels are the inputs (the model shifts them)."""
+
+    def __init__(self, ids, seq_len):
+        self.blocks = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+
+    def __len__(self):
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i):
+        block = self.blocks[i]
+        return {"input_ids": block, "attention_mask": torch.ones_like(block), "labels": block}
+
+
+def split_blocks(ids, seq_len, eval_fraction):
+    """(train, eval) TokenBlocks: the last `eval_fraction` of the tokens is held out."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    cut = int(ids.numel() * (1.0 - eval_fraction))
+    train, held_out = TokenBlocks(ids[:cut], seq_len), TokenBlocks(ids[cut:], seq_len)
+    if len(train) == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens: too few for one training window of {seq_len}")
+    if eval_fraction > 0 and len(held_out) == 0:
+        raise ValueError(f"the held-out {eval_fraction:.0%} of the text is shorter than one window of {seq_len} tokens")
+    return train, held_out
+
+
+def add_text_training_arguments(parser, model_help, max_steps=200, learning_rate=3e-4):
+    """Options of the causal-LM text commands (train dfa, train bsbr); each adds its own beside these."""
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--text", required=True, help="UTF-8 training text file")
+    parser.add_argument("--output-dir", required=True, help="folder for the trained, exported model")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--max-steps", type=int, default=max_steps)
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per device and step")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of the text held out for evaluation")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")
+    add_trainer_options(parser)
+
+
+def add_trainer_options(parser):
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPUs and GPUs that support it)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass to save memory")
+
+
+def trainer_arguments(args, work_dir, **overrides):
+    """TrainingArguments from the shared options; per-step losses are logged every --logging-steps steps."""
+    from transformers import TrainingArguments
+
+    options = dict(
+        output_dir=work_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        logging_steps=args.logging_steps,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        # Without an accelerator, several processes (accelerate launch / torchrun) join over gloo only with use_cpu.
+        use_cpu=not torch.accelerator.is_available(),
+    )
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def loss_history(trainer):
+    """[{"step", "loss"}] of every logged training step (averaged over the logging interval and all processes)."""
+    return [{"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry]
+
+
+def write_metrics(folder, name, metrics):
+    """Write `metrics` as <folder>/<name> (indented JSON) and return the path."""
+    path = folder / name
+    path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return path
