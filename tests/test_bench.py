@@ -105,7 +105,7 @@ def test_conversion_scaling_and_long_context_sections(quick_run):
         assert set(scaling[sweep]["seconds"]) == {"gpt2", *ARCHS}
         assert all(len(s) == len(scaling[sweep]["x"]) and min(s) > 0 for s in scaling[sweep]["seconds"].values())
     long_context = results["long_context"]
-    assert [r["n"] for r in long_context["runs"]] == [64, 128]
+    assert [r["n"] for r in long_context["runs"]] == [256, 512]
     assert set(long_context["targets"]) == {"forward_time", "peak_memory", "cache_size", "decode_flatness"}
 
 
