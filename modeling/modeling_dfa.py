@@ -351,7 +351,16 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
             entropy, weight, active = entropy.detach(), weight.detach(), self.transformer.active_dim_fraction()
         if labels is not None:
             ce_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = ce_loss if aux_loss is None else ce_loss + aux_loss
+            loss = ce_loss
+            if aux_loss is not None:
+                # Trainer passes num_items_in_batch (shifted labels of the accumulated batch on all processes) and
+                # then averages neither over accumulation steps nor over processes, as ce_loss is already scaled:
+                # weight the regulariser by this micro-batch's share of those labels.
+                share = 1.0
+                if kwargs.get("num_items_in_batch") is not None:
+                    tokens = (labels[..., 1:] != -100).sum()
+                    share = tokens / torch.as_tensor(kwargs["num_items_in_batch"], device=tokens.device).clamp_min(1)
+                loss = ce_loss + aux_loss * share
         return DFACausalLMOutput(
             loss=loss,
             logits=logits,
