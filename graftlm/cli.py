@@ -19,6 +19,7 @@ CONVERTERS = {
 }
 # `graftlm train <name>`: modules providing add_arguments(parser) and main(args).
 TRAINERS = {
+    "dfa": "graftlm.train_dfa",
     "bsbr": "graftlm.train_bsbr",
     "bridge": "graftlm.train_bridge",
     "scaffold": "graftlm.train_scaffold",
@@ -81,7 +82,8 @@ def run_eval(args):
     from .evaluation import evaluate_perplexity
 
     result = evaluate_perplexity(
-        args.model, args.text, max_length=args.max_length, stride=args.stride, trust_remote_code=args.trust_remote_code
+        args.model, args.text, max_length=args.max_length, stride=args.stride, trust_remote_code=args.trust_remote_code,
+        pairs_file=args.pairs, sources_file=args.sources, targets_file=args.targets,
     )
     print(json.dumps(result, indent=2))
 
@@ -128,11 +130,14 @@ def build_parser():
                           help="load through the folder's own code instead of the installed graftlm classes")
     generate.set_defaults(func=run_generate)
 
-    evaluate = commands.add_parser("eval", help="perplexity of a causal LM on a text file")
-    evaluate.add_argument("model", help="model folder or Hub id (any causal LM, stock GPT-2 included)")
-    evaluate.add_argument("--text", required=True, help="UTF-8 text file")
+    evaluate = commands.add_parser("eval", help="perplexity of a causal LM on a text, or of a seq2seq model on pairs")
+    evaluate.add_argument("model", help="model folder or Hub id (any causal LM, stock GPT-2 included, or a bridge)")
+    evaluate.add_argument("--text", help="UTF-8 text file (causal LMs)")
     evaluate.add_argument("--max-length", type=int, default=None, help="window length (default: n_positions)")
     evaluate.add_argument("--stride", type=int, default=None, help="window stride (default: max-length)")
+    evaluate.add_argument("--pairs", help="JSONL file of {\"src\", \"tgt\"} pairs (seq2seq models)")
+    evaluate.add_argument("--sources", help="source texts, one per line (seq2seq models, with --targets)")
+    evaluate.add_argument("--targets", help="target texts, one per line (seq2seq models, with --sources)")
     evaluate.add_argument("--trust-remote-code", action="store_true")
     evaluate.set_defaults(func=run_eval)
 
@@ -154,6 +159,9 @@ def build_parser():
     demo.add_argument("--train-steps", type=int, default=300, help="steps of the local GPT-2's short training")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
+
+    bench = commands.add_parser("bench", help="speed of every architecture against stock GPT-2: JSON, table, plots")
+    importlib.import_module("graftlm.bench").add_arguments(bench)
 
     chat = commands.add_parser("chat", help="interactive prompt/train loop over a Scaffolded GPT-2 folder")
     importlib.import_module("graftlm.chat").add_arguments(chat)
