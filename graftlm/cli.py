@@ -62,16 +62,20 @@ def run_convert(args):
 def run_generate(args):
     from .inference import generate_text
 
+    sampling = {key: getattr(args, key) for key in ("temperature", "top_k", "top_p") if getattr(args, key) is not None}
+    if sampling and not args.do_sample:
+        flags = ", ".join("--" + key.replace("_", "-") for key in sampling)
+        raise ValueError(f"{flags} only apply to sampling: add --do-sample")
+    extra = {} if args.scaffold_weight is None else {"scaffold_weight": args.scaffold_weight}
     for text in generate_text(
         args.model,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
+        **sampling,
+        **extra,
     ):
         print(text)
 
@@ -122,9 +126,11 @@ def build_parser():
     generate.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
     generate.add_argument("--max-new-tokens", type=int, default=40)
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=50)
-    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample)")
+    generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens (with --do-sample)")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling mass (with --do-sample)")
+    generate.add_argument("--scaffold-weight", type=float,
+                          help="Scaffolded GPT-2 only: scale of the scaffold's influence in [0, 1] (default 1)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--trust-remote-code", action="store_true",
                           help="load through the folder's own code instead of the installed graftlm classes")

@@ -102,6 +102,15 @@ def test_generate_prints_a_continuation(cli_export, capsys):
     assert line.startswith("Hello world") and len(line) > len("Hello world")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "0.7"], "--temperature only apply to sampling"),
+    (["--scaffold-weight", "0.5"], "scaffold_weight"),  # a DFA export: transformers names the unused option
+])
+def test_generate_refuses_options_that_would_be_ignored(cli_export, capsys, flags, message):
+    assert main(["generate", str(cli_export), "--prompt", "Hi", "--max-new-tokens", "2", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_eval_gives_the_stock_perplexity_for_a_converted_model(cli_export, tiny_gpt2_dir, tmp_path, capsys):
     from graftlm.demo import offline_text
 
