@@ -162,8 +162,8 @@ class BSBRAttention(nn.Module):
         b, h, d = q.shape
         chunk = self.chunk
         slot = st.fill.view(b, 1, 1, 1).expand(b, h, 1, d)
-        st.k_buf = st.k_buf.scatter(2, slot, k[:, :, None])
-        st.v_buf = st.v_buf.scatter(2, slot, v[:, :, None])
+        st.k_buf.scatter_(2, slot, k[:, :, None])  # in place: the cache owns its buffers (no copy per step)
+        st.v_buf.scatter_(2, slot, v[:, :, None])
         scores = (q[:, :, None] @ st.k_buf.transpose(-1, -2)) * self.scaling  # (b, h, 1, B)
         later = torch.arange(chunk, device=q.device) > st.fill[:, None]  # slots after this token's
         scores = scores.masked_fill(later[:, None, None, :], torch.finfo(scores.dtype).min)
@@ -177,10 +177,10 @@ class BSBRAttention(nn.Module):
 
         keep = real.float()
         kf = self._features(k) * keep.view(b, 1, 1)
-        st.f_run = st.f_run + kf[..., None] * v.float()[:, :, None, :]
-        st.z_run = st.z_run + kf
-        st.x_run = st.x_run + x.float() * keep[:, None]
-        st.fill = st.fill + real.long()
+        st.f_run.add_(kf[..., None] * v.float()[:, :, None, :])
+        st.z_run.add_(kf)
+        st.x_run.add_(x.float() * keep[:, None])
+        st.fill.add_(real.long())
         completed = st.fill == chunk
         if bool(completed.any()):
             self._close_chunks(st, completed, x.dtype)
