@@ -101,14 +101,31 @@ class DFAAttention(nn.Module):
             past_key_values.dfa_sequence_gates[self.layer_idx] = probs
         return probs
 
+    def masked_qkv(self, hidden_states):
+        """c_attn with every q/k/v dimension scaled by its mask: (batch, seq, 3 parts) split as [q | k | v].
+
+        (x W + b) * m == x (W * m) + b * m. Scaling W's columns costs n_embd x 3d, scaling the output tokens x 3d, so a
+        plain Conv1D takes the masks into its weights when there are more tokens than input features (training, the
+        prefill). A c_attn that is quantized, adapter-wrapped or hooked (bitsandbytes, PEFT, accelerate) runs as a
+        module and its output is scaled."""
+        mask = torch.cat([m.flatten() for m in self.masks()])  # (3d,) in c_attn's column order
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        c_attn = self.c_attn
+        if type(c_attn) is Conv1D and not hasattr(c_attn, "_hf_hook") and x.shape[0] > x.shape[1]:
+            weight, bias = c_attn.weight, c_attn.bias
+            qkv = torch.addmm(bias * mask.to(bias.dtype), x, weight * mask.to(weight.dtype))
+        else:
+            qkv = c_attn(x)
+            qkv = qkv * mask.to(qkv.dtype)
+        return qkv.view(*hidden_states.shape[:-1], -1).split(self.split_sizes, dim=-1)
+
     def forward(self, hidden_states, attention_mask, past_key_values=None, first_token_index=None, **kwargs):
         batch, seq, _ = hidden_states.shape
-        q, k, v = self.c_attn(hidden_states).split(self.split_sizes, dim=2)
-        q_mask, k_mask, v_mask = self.masks()
-        # (batch, heads, seq, dims), each dimension scaled by its mask
-        q = q.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2) * q_mask[:, None, :].to(q.dtype)
-        k = k.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2) * k_mask[:, None, :].to(k.dtype)
-        v = v.view(batch, seq, self.num_heads, self.v_dim).transpose(1, 2) * v_mask[:, None, :].to(v.dtype)
+        q, k, v = self.masked_qkv(hidden_states)
+        # (batch, heads, seq, dims)
+        q = q.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_heads, self.v_dim).transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
