@@ -296,11 +296,9 @@ class DFAModel(DFAPreTrainedModel):
     def active_dim_fraction(self):
         """Share of GPT-2's q.k and v head dimensions still open (mask product or mask >= mask_threshold)."""
         threshold = self.config.mask_threshold
-        active = 0
-        for block in self.h:
-            q, k, v = block.attn.masks()
-            active += int(((q * k) >= threshold).sum()) + int((v >= threshold).sum())
-        return torch.tensor(active / (2 * self.config.n_layer * self.config.n_embd))
+        counts = [((q * k) >= threshold).sum() + (v >= threshold).sum() for q, k, v in (b.attn.masks() for b in self.h)]
+        # summed on the masks' device: a training step waits for no per-layer count to reach the host
+        return torch.stack(counts).sum() / (2 * self.config.n_layer * self.config.n_embd)
 
 
 class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
