@@ -164,11 +164,11 @@ class BSBRAttention(nn.Module):
         slot = st.fill.view(b, 1, 1, 1).expand(b, h, 1, d)
         st.k_buf.scatter_(2, slot, k[:, :, None])  # in place: the cache owns its buffers (no copy per step)
         st.v_buf.scatter_(2, slot, v[:, :, None])
-        scores = (q[:, :, None] @ st.k_buf.transpose(-1, -2)) * self.scaling  # (b, h, 1, B)
-        later = torch.arange(chunk, device=q.device) > st.fill[:, None]  # slots after this token's
-        scores = scores.masked_fill(later[:, None, None, :], torch.finfo(scores.dtype).min)
-        probs = self.attn_dropout(scores.softmax(-1))
-        local = (probs @ st.v_buf)[:, :, 0]  # (b, h, d)
+        filled = torch.arange(chunk, device=q.device) <= st.fill[:, None]  # (b, B): slots up to this token's
+        local = F.scaled_dot_product_attention(
+            q[:, :, None], st.k_buf, st.v_buf, attn_mask=filled[:, None, None, :], scale=self.scaling,
+            dropout_p=self.attn_dropout.p if self.training else 0.0,
+        )[:, :, 0]  # (b, h, d)
 
         qf = self._features(q)  # (b, h, s)
         denom = (qf * st.u_cur).sum(-1, keepdim=True) + self.config.retrieval_eps
