@@ -11,7 +11,7 @@ class DFAConfig(GPT2Config):
     gate_mode: "token" computes soft head gates per token (the seed's theory); "sequence" computes them once per
         sequence from its first real token (the seed's code) and reuses them at every position.
     target_entropy_ratio: target of the mean gate entropy, as a fraction of its maximum ln(n_head). The entropy
-        weight lambda = exp(log_entropy_weight) is tuned toward it by dual ascent.
+        weight lambda = exp(entropy_balance.log_weight) is tuned toward it by dual ascent.
     entropy_weight_init: lambda at conversion.
     mask_sparsity_weight: weight of mean(mask) in the auxiliary loss (L1 on the head-dimension masks).
     mask_threshold: a mask value below this counts as a closed dimension (active_dim_fraction, prune()).

@@ -2,8 +2,9 @@
 
 Every GPT-2 weight is copied under its own name. The new parameters are, per layer, the meta-query projection
 `attn.meta_r_proj` = (W_q + W_k) / 2, the chunk-key projection `attn.meta_h_proj` = (W_k + W_v) / 2 (both from the
-layer's own c_attn, as in the BSBR converter API this one follows), the per-head retrieval gate `attn.retrieval_gate`
-= 0 and, with a compression factor c > 1, `attn.compress_proj`, initialised to average runs of c key/query dimensions.
+layer's own c_attn, as in the BSBR converter API this one follows), the per-head retrieval gate
+`attn.retrieval_gate.weight` = 0 (a module, so peft's modules_to_save can train it) and, with a compression factor
+c > 1, `attn.compress_proj`, initialised to average runs of c key/query dimensions.
 With the gate at 0 the converted model is GPT-2 with attention restricted to each token's own chunk; on inputs no
 longer than chunk_size it is GPT-2.
 
@@ -27,13 +28,13 @@ OPTIONS = {"chunk_size": 128, "compression_factor": None, "feature_map": "elu+1"
 NEW_MODULES = {
     "transformer.h.*.attn.meta_r_proj": "chunk meta-query projection: (W_q + W_k) / 2, (b_q + b_k) / 2 of c_attn",
     "transformer.h.*.attn.meta_h_proj": "chunk-key projection: (W_k + W_v) / 2, (b_k + b_v) / 2 of c_attn",
-    "transformer.h.*.attn.retrieval_gate": "per-head gate g of the retrieval term, 0: no chunk state is read",
+    "transformer.h.*.attn.retrieval_gate": "per-head gate g of the retrieval term (weight), 0: no chunk state is read",
     "transformer.h.*.attn.compress_proj": "(compression_factor c > 1 only) head_dim -> head_dim / c projection of "
     "keys and queries before phi, initialised to average each run of c consecutive dimensions",
 }
 _NEW_SUFFIXES = (
     ".attn.meta_r_proj.weight", ".attn.meta_r_proj.bias", ".attn.meta_h_proj.weight", ".attn.meta_h_proj.bias",
-    ".attn.retrieval_gate", ".attn.compress_proj.weight",
+    ".attn.retrieval_gate.weight", ".attn.compress_proj.weight",
 )
 # GPT2Config fields that are bookkeeping rather than architecture.
 _META_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")
@@ -107,7 +108,7 @@ def init_new_modules(model):
         attn.meta_r_proj.bias.copy_((b_q + b_k) / 2)
         attn.meta_h_proj.weight.copy_((w_k + w_v) / 2)
         attn.meta_h_proj.bias.copy_((b_k + b_v) / 2)
-        attn.retrieval_gate.zero_()
+        attn.retrieval_gate.weight.zero_()
         if attn.compress_proj is not None:
             attn.compress_proj.weight.copy_(block_average(attn.head_dim, model.config.compression_factor))
 

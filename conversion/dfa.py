@@ -1,8 +1,8 @@
 """Convert a stock GPT-2 (GPT2LMHeadModel) checkpoint into GPT2-DFA.
 
 Every GPT-2 weight is copied under its own name; the only new parameters are, per layer, the head-gate
-projection `attn.c_gate` and the mask logits `attn.{q,k,v}_mask`, plus `transformer.log_entropy_weight`.
-They start as the identity (zero gate logits -> g = 1, zero mask logits -> mask = 1), so the converted
+projection `attn.c_gate` and the head-dimension mask logits `attn.dim_masks.{q,k,v}`, plus
+`transformer.entropy_balance.log_weight`. Each is a module, so peft's modules_to_save can train it. They start as the identity (zero gate logits -> g = 1, zero mask logits -> mask = 1), so the converted
 model computes what GPT-2 computed.
 """
 
@@ -24,10 +24,11 @@ OPTIONS = {
 }
 NEW_MODULES = {
     "transformer.h.*.attn.c_gate": "head-gate logits W_g h + b, zero-initialised: uniform gates, g = H * 1/H = 1",
-    "transformer.h.*.attn.{q,k,v}_mask": "head-dimension mask logits, zero-initialised: mask = 2 * sigmoid(0) = 1",
-    "transformer.log_entropy_weight": "log of the gate-entropy weight lambda, initialised to log(entropy_weight_init)",
+    "transformer.h.*.attn.dim_masks": "head-dimension mask logits q, k, v, zero-initialised: mask = 2 * sigmoid(0) = 1",
+    "transformer.entropy_balance": "log_weight = log of the gate-entropy weight lambda, initialised to "
+    "log(entropy_weight_init)",
 }
-_NEW_SUFFIXES = (".attn.c_gate.weight", ".attn.c_gate.bias", ".attn.q_mask", ".attn.k_mask", ".attn.v_mask")
+_NEW_SUFFIXES = (".attn.c_gate.weight", ".attn.c_gate.bias", ".attn.dim_masks.q", ".attn.dim_masks.k", ".attn.dim_masks.v")
 # GPT2Config fields that are bookkeeping rather than architecture.
 _META_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")
 
@@ -65,7 +66,7 @@ def convert_gpt2_to_dfa(base, **options):
     config._attn_implementation = stock.config._attn_implementation
     model = DFAForCausalLM(config)
     source = stock.state_dict()
-    new_keys = [k for k in model.state_dict() if k.endswith(_NEW_SUFFIXES) or k == "transformer.log_entropy_weight"]
+    new_keys = [k for k in model.state_dict() if k.endswith(_NEW_SUFFIXES) or k == "transformer.entropy_balance.log_weight"]
     copy_weights(model, source, {key: key for key in source}, new_keys)
     model.generation_config = stock.generation_config
     model.eval()

@@ -77,7 +77,7 @@ def analyze(model_dir, text_file, output_dir, max_length=256, top=12):
     threshold = config.mask_threshold
     active_qk, active_v, shapes_now, shapes_active = [], [], [], []
     for block in model.transformer.h:
-        q, k, v = block.attn.masks()
+        q, k, v = block.attn.dim_masks()
         qk_open, v_open = ((q * k) >= threshold).sum(1), (v >= threshold).sum(1)
         active_qk.append(qk_open.tolist())
         active_v.append(v_open.tolist())

@@ -140,7 +140,7 @@ def save_checkpoints(shape, n_positions, folder, tokenizers=False):
 
 # Identity-initialised parameters of each converter; opened with noise as training would, so that every branch runs.
 OPEN_PARAMETERS = {
-    "dfa": r"attn\.(c_gate|[qkv]_mask)",
+    "dfa": r"attn\.(c_gate|dim_masks)\.",
     "bsbr": r"retrieval_gate",
     "bridge": r"crossattention\.c_proj",
     "scaffold": r"^fusers\.\d+\.gate$",
@@ -187,7 +187,7 @@ def prune_half(dfa):
     pruned = copy.deepcopy(dfa)
     with torch.no_grad():
         for block in pruned.transformer.h:
-            for mask in (block.attn.q_mask, block.attn.k_mask, block.attn.v_mask):
+            for mask in (block.attn.dim_masks.q, block.attn.dim_masks.k, block.attn.dim_masks.v):
                 mask[:, mask.shape[1] // 2:] = -10.0  # 2 * sigmoid(-10) ~ 1e-4 < mask_threshold
     pruned.prune()
     return pruned

@@ -40,7 +40,7 @@ def make_optimizer(model, learning_rate, gate_learning_rate, weight_decay=0.01):
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith("retrieval_gate"):
+        if ".retrieval_gate." in name:  # its weight, also as peft's modules_to_save copy
             gates.append(param)
         elif param.ndim >= 2:
             decayed.append(param)
@@ -94,7 +94,7 @@ def main(args):
         if len(eval_set):
             eval_loss = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
-        gates = torch.stack([block.attn.retrieval_gate.detach() for block in model.transformer.h])
+        gates = torch.stack([block.attn.retrieval_gate().detach() for block in model.transformer.h])
         metrics["mean_abs_retrieval_gate"] = gates.abs().mean().item()
         if trainer.is_world_process_zero():
             model.eval()

@@ -48,6 +48,26 @@ def block_average(head_dim, factor):
     return weight
 
 
+class KeyCompression(nn.Linear):
+    """head_dim -> head_dim / c projection of keys and queries before phi, initialised to average each run of c
+    consecutive dimensions (block_average)."""
+
+    def __init__(self, head_dim, factor):
+        super().__init__(head_dim, head_dim // factor, bias=False)
+
+
+class RetrievalGate(nn.Module):
+    """Per-head gate g of the retrieval term; forward() -> g, (n_head,), 0 at conversion. A module that attention
+    calls, so that peft's modules_to_save can train it (it swaps in the adapter's copy of a module)."""
+
+    def __init__(self, n_head):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_head))
+
+    def forward(self):
+        return self.weight
+
+
 class BSBRAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -61,9 +81,9 @@ class BSBRAttention(nn.Module):
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
         self.meta_r_proj = Conv1D(config.n_embd, config.n_embd)  # chunk meta-queries R
         self.meta_h_proj = Conv1D(config.n_embd, config.n_embd)  # chunk keys H
-        self.retrieval_gate = nn.Parameter(torch.zeros(config.n_head))  # g, one per head
+        self.retrieval_gate = RetrievalGate(config.n_head)  # g, one per head
         factor = config.compression_factor or 1
-        self.compress_proj = nn.Linear(self.head_dim, self.head_dim // factor, bias=False) if factor > 1 else None
+        self.compress_proj = KeyCompression(self.head_dim, factor) if factor > 1 else None
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -138,7 +158,7 @@ class BSBRAttention(nn.Module):
         denom = (qf @ u_all[..., None]) + self.config.retrieval_eps  # (b, h, C, B, 1)
         retrieved = numer / denom
 
-        gate = self.retrieval_gate.view(1, h, 1, 1, 1)
+        gate = self.retrieval_gate().view(1, h, 1, 1, 1)
         out = (local + gate.to(local.dtype) * retrieved.to(local.dtype)).view(b, h, n_chunks * chunk, d)[:, :, :n]
 
         if layer_state is not None:
@@ -173,7 +193,7 @@ class BSBRAttention(nn.Module):
         qf = self._features(q)  # (b, h, s)
         denom = (qf * st.u_cur).sum(-1, keepdim=True) + self.config.retrieval_eps
         retrieved = (qf[:, :, None] @ st.s_cur)[:, :, 0] / denom
-        out = local + self.retrieval_gate.view(1, h, 1).to(local.dtype) * retrieved.to(local.dtype)
+        out = local + self.retrieval_gate().view(1, h, 1).to(local.dtype) * retrieved.to(local.dtype)
 
         keep = real.float()
         kf = self._features(k) * keep.view(b, 1, 1)
@@ -263,10 +283,12 @@ class BSBRPreTrainedModel(PreTrainedModel):
         if isinstance(module, (BSBRAttention, GPT2MLP)):
             # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer))
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-        if isinstance(module, BSBRAttention):
-            init.zeros_(module.retrieval_gate)  # identity at conversion: out = local
-            if module.compress_proj is not None:
-                init.copy_(module.compress_proj.weight, block_average(module.head_dim, self.config.compression_factor))
+        # transformers calls this only for modules that hold parameters themselves: each new module is initialised
+        # under its own class.
+        if isinstance(module, RetrievalGate):
+            init.zeros_(module.weight)  # identity at conversion: out = local
+        if isinstance(module, KeyCompression):
+            init.copy_(module.weight, block_average(module.in_features, module.in_features // module.out_features))
 
 
 class BSBRModel(BSBRPreTrainedModel):

@@ -3,10 +3,12 @@
 Each attention layer keeps GPT-2's math and parameter names (c_attn, c_proj, ln_1, mlp, ...) and adds
 - per-token soft gates over heads, g_t = H * softmax(W_g h_t + b) (c_gate; zero at conversion, so g = 1),
 - learned per-head masks on the q, k and v dimensions, mask = 2 * sigmoid(logit) (logit 0 at conversion, so mask = 1),
-- a gate-entropy regulariser whose weight lambda = exp(log_entropy_weight) is tuned by dual ascent toward a
+- a gate-entropy regulariser whose weight lambda = exp(entropy_balance.log_weight) is tuned by dual ascent toward a
   target entropy, as Soft Actor-Critic tunes its temperature (Haarnoja et al. 2018, arXiv:1812.05905, eq. 18):
   aux = -sg(lambda) * H + lambda * (sg(H) - H_target), plus mask_sparsity_weight * mean(mask).
 A converted model therefore computes exactly what the stock GPT-2 computed; training moves it away.
+The masks and lambda live in small modules (HeadDimMasks, EntropyBalance) that are called, so peft's modules_to_save
+can train them (it swaps in the adapter's copy of a module; a bare nn.Parameter would stay frozen).
 """
 
 import math
@@ -54,6 +56,35 @@ class DFACausalLMOutput(ModelOutput):
     gates: tuple | None = None
 
 
+class HeadDimMasks(nn.Module):
+    """Mask logits of one layer's q, k and v head dimensions; forward() -> (q, k, v) masks 2 * sigmoid(logit) in
+    (0, 2), each (heads, dims): 1 at conversion (logit 0)."""
+
+    def __init__(self, num_heads, qk_dim, v_dim):
+        super().__init__()
+        self.q = nn.Parameter(torch.zeros(num_heads, qk_dim))
+        self.k = nn.Parameter(torch.zeros(num_heads, qk_dim))
+        self.v = nn.Parameter(torch.zeros(num_heads, v_dim))
+
+    def forward(self):
+        return tuple(2 * torch.sigmoid(m) for m in (self.q, self.k, self.v))
+
+
+class EntropyBalance(nn.Module):
+    """The gate-entropy weight, stored as its log so that it stays positive; forward() -> lambda = exp(log_weight)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.log_weight = nn.Parameter(torch.tensor(math.log(weight)))
+
+    def forward(self):
+        return self.log_weight.exp()
+
+
+class HeadGate(nn.Linear):
+    """Head-gate logits W_g h + b over all original heads; zero-initialised, so g = H * softmax(0) = 1 at conversion."""
+
+
 class DFAAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -72,17 +103,11 @@ class DFAAttention(nn.Module):
 
         self.c_attn = Conv1D(sum(self.split_sizes), config.n_embd)
         self.c_proj = Conv1D(config.n_embd, self.num_heads * self.v_dim)
-        self.c_gate = nn.Linear(config.n_embd, config.n_head)  # logits over all original heads
-        self.q_mask = nn.Parameter(torch.zeros(self.num_heads, self.qk_dim))  # mask logits
-        self.k_mask = nn.Parameter(torch.zeros(self.num_heads, self.qk_dim))
-        self.v_mask = nn.Parameter(torch.zeros(self.num_heads, self.v_dim))
+        self.c_gate = HeadGate(config.n_embd, config.n_head)  # logits over all original heads
+        self.dim_masks = HeadDimMasks(self.num_heads, self.qk_dim, self.v_dim)
         self.kept_heads = heads  # original indices of the heads this layer keeps (all of them until prune())
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
-
-    def masks(self):
-        """(q, k, v) masks in (0, 2), each (heads, dims); 1 at conversion."""
-        return tuple(2 * torch.sigmoid(m) for m in (self.q_mask, self.k_mask, self.v_mask))
 
     def gate_probs(self, hidden_states, first_token_index, past_key_values):
         """Softmax over heads: (batch, seq, n_head) per token, or (batch, 1, n_head) per sequence."""
@@ -108,7 +133,7 @@ class DFAAttention(nn.Module):
         plain Conv1D takes the masks into its weights when there are more tokens than input features (training, the
         prefill). A c_attn that is quantized, adapter-wrapped or hooked (bitsandbytes, PEFT, accelerate) runs as a
         module and its output is scaled."""
-        mask = torch.cat([m.flatten() for m in self.masks()])  # (3d,) in c_attn's column order
+        mask = torch.cat([m.flatten() for m in self.dim_masks()])  # (3d,) in c_attn's column order
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         c_attn = self.c_attn
         if type(c_attn) is Conv1D and not hasattr(c_attn, "_hf_hook") and x.shape[0] > x.shape[1]:
@@ -173,7 +198,7 @@ class DFAPreTrainedModel(PreTrainedModel):
     # The head gates, the q/k/v mask logits and the entropy weight's log are tiny and scale whole heads or, through
     # exp(), the regulariser: they stay float32 under fp16, bf16 and bitsandbytes (c_gate is never quantized).
     _keep_in_fp32_modules = ["c_gate"]
-    _keep_in_fp32_modules_strict = ["c_gate", "q_mask", "k_mask", "v_mask", "log_entropy_weight"]
+    _keep_in_fp32_modules_strict = ["c_gate", "dim_masks", "entropy_balance"]
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
 
     @torch.no_grad()
@@ -187,14 +212,16 @@ class DFAPreTrainedModel(PreTrainedModel):
         if isinstance(module, (DFAAttention, GPT2MLP)):
             # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer))
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-        if isinstance(module, DFAAttention):
-            # Identity at conversion: uniform gates (g = 1) and masks of exactly 1.
-            init.zeros_(module.c_gate.weight)
-            init.zeros_(module.c_gate.bias)
-            for mask in (module.q_mask, module.k_mask, module.v_mask):
+        # Identity at conversion: uniform gates (g = 1) and masks of exactly 1. (transformers calls this only for
+        # modules that hold parameters themselves, so each new module is initialised under its own class.)
+        if isinstance(module, HeadGate):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        if isinstance(module, HeadDimMasks):
+            for mask in (module.q, module.k, module.v):
                 init.zeros_(mask)
-        if isinstance(module, DFAModel):
-            init.constant_(module.log_entropy_weight, math.log(self.config.entropy_weight_init))
+        if isinstance(module, EntropyBalance):
+            init.constant_(module.log_weight, math.log(self.config.entropy_weight_init))
 
 
 class DFAModel(DFAPreTrainedModel):
@@ -205,7 +232,7 @@ class DFAModel(DFAPreTrainedModel):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([DFABlock(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.log_entropy_weight = nn.Parameter(torch.tensor(math.log(config.entropy_weight_init)))
+        self.entropy_balance = EntropyBalance(config.entropy_weight_init)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -281,7 +308,7 @@ class DFAModel(DFAPreTrainedModel):
                 gate_entropy = (entropy * real).sum() / (real.sum() * len(self.h)).clamp_min(1)
             else:
                 gate_entropy = entropy.mean()
-            mask_mean = torch.cat([m.flatten() for block in self.h for m in block.attn.masks()]).mean()
+            mask_mean = torch.cat([m.flatten() for block in self.h for m in block.attn.dim_masks()]).mean()
         return DFAModelOutput(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values,
@@ -296,7 +323,7 @@ class DFAModel(DFAPreTrainedModel):
     def active_dim_fraction(self):
         """Share of GPT-2's q.k and v head dimensions still open (mask product or mask >= mask_threshold)."""
         threshold = self.config.mask_threshold
-        counts = [((q * k) >= threshold).sum() + (v >= threshold).sum() for q, k, v in (b.attn.masks() for b in self.h)]
+        counts = [((q * k) >= threshold).sum() + (v >= threshold).sum() for q, k, v in (b.attn.dim_masks() for b in self.h)]
         # summed on the masks' device: a training step waits for no per-layer count to reach the host
         return torch.stack(counts).sum() / (2 * self.config.n_layer * self.config.n_embd)
 
@@ -359,7 +386,7 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
         if output_regularizers:
             # Dual ascent on log(lambda): d aux / d log(lambda) = lambda * (H - H_target), so lambda rises while the
             # entropy is below target and falls while above; the model itself sees only -lambda * H.
-            weight = self.transformer.log_entropy_weight.exp()
+            weight = self.transformer.entropy_balance()
             entropy = out.gate_entropy
             aux_loss = -weight.detach() * entropy + weight * (entropy.detach() - self.target_entropy())
             aux_loss = aux_loss + self.config.mask_sparsity_weight * out.mask_mean
@@ -395,8 +422,8 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
         """Remove closed head dimensions (and, with `head_threshold`, heads whose gates stay low), shrinking c_attn,
         c_proj and the masks. The new shapes go into the config, so the pruned model saves and loads.
 
-        A q/k dimension is closed when q_mask * k_mask < threshold in every head that drops it, a v dimension when
-        v_mask < threshold. Heads are batched, so each layer keeps the same number of dimensions in every head:
+        A q/k dimension is closed when its q mask * k mask < threshold in every head that drops it, a v dimension when
+        its v mask < threshold. Heads are batched, so each layer keeps the same number of dimensions in every head:
         the largest number any head needs, each head keeping its highest-mask dimensions.
         A head is removed when its gate stays below `head_threshold` on every real token of the calibration batch;
         the gate softmax still runs over all original heads, so the remaining heads' gates are unchanged.
@@ -433,7 +460,7 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
 
 def _prune_attention(attn, threshold, keep_heads=None):
     """Shrink one DFAAttention in place; return (kept original head indices, qk dims, v dims)."""
-    q_mask, k_mask, v_mask = attn.masks()
+    q_mask, k_mask, v_mask = attn.dim_masks()
     heads = torch.arange(attn.num_heads) if keep_heads is None else keep_heads.sort().values
     qk_score, v_score = (q_mask * k_mask)[heads], v_mask[heads]
     n_qk = max(1, int((qk_score >= threshold).sum(dim=1).max()))
@@ -455,9 +482,11 @@ def _prune_attention(attn, threshold, keep_heads=None):
     c_proj.weight.copy_(attn.c_proj.weight[proj_rows])
     c_proj.bias.copy_(attn.c_proj.bias)
     attn.c_attn, attn.c_proj = c_attn, c_proj
-    attn.q_mask = nn.Parameter(attn.q_mask[heads[:, None], qk_idx].clone())
-    attn.k_mask = nn.Parameter(attn.k_mask[heads[:, None], qk_idx].clone())
-    attn.v_mask = nn.Parameter(attn.v_mask[heads[:, None], v_idx].clone())
+    logits = attn.dim_masks
+    attn.dim_masks = HeadDimMasks(len(heads), n_qk, n_v).to(logits.q)
+    attn.dim_masks.q.copy_(logits.q[heads[:, None], qk_idx])
+    attn.dim_masks.k.copy_(logits.k[heads[:, None], qk_idx])
+    attn.dim_masks.v.copy_(logits.v[heads[:, None], v_idx])
     attn.kept_heads = [attn.kept_heads[h] for h in heads.tolist()]
     attn.num_heads, attn.qk_dim, attn.v_dim = len(heads), n_qk, n_v
     attn.split_sizes = (len(heads) * n_qk,) * 2 + (len(heads) * n_v,)

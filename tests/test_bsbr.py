@@ -50,7 +50,7 @@ def trained(base, seed=0, compression_factor=None):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("retrieval_gate"):
+            if name.endswith("retrieval_gate.weight"):
                 param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
             elif "meta_" in name or "compress_proj" in name:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
@@ -127,7 +127,7 @@ def test_retrieval_carries_earlier_chunks_only_when_the_gate_is_open(base4):
         later = slice(2 * CHUNK, 3 * CHUNK)  # chunk 2 reads chunk 0 only through retrieval
         assert (model(input_ids=changed).logits[:, later] - model(input_ids=ids).logits[:, later]).abs().max() > 1e-4
         for block in model.transformer.h:
-            block.attn.retrieval_gate.zero_()
+            block.attn.retrieval_gate.weight.zero_()
         assert torch.equal(model(input_ids=changed).logits[:, later], model(input_ids=ids).logits[:, later])
 
 
@@ -229,7 +229,7 @@ def test_exported_folder_loads_without_graftlm_and_generates_the_same_tokens(bas
     model, report = converted(base4, compression_factor=2)
     with torch.no_grad():
         for block in model.transformer.h:
-            block.attn.retrieval_gate.fill_(0.8)
+            block.attn.retrieval_gate.weight.fill_(0.8)
     folder = export_model(model, tmp_path / "export", tokenizers={"": AutoTokenizer.from_pretrained(base4)},
                           card=model_card(report, "someone/gpt2-bsbr", model.config))
     card = (folder / "README.md").read_text()
@@ -263,7 +263,7 @@ def test_new_modules_start_from_gpt2_weights(base4):
         w_q, w_k, w_v = stock_block.attn.c_attn.weight.split(n, dim=1)
         torch.testing.assert_close(block.attn.meta_r_proj.weight, (w_q + w_k) / 2)
         torch.testing.assert_close(block.attn.meta_h_proj.weight, (w_k + w_v) / 2)
-        assert torch.equal(block.attn.retrieval_gate, torch.zeros(model.config.n_head))
+        assert torch.equal(block.attn.retrieval_gate.weight, torch.zeros(model.config.n_head))
         # compression: each state feature averages two consecutive key dimensions
         x = torch.randn(3, model.config.head_dim)
         torch.testing.assert_close(block.attn.compress_proj(x), x.view(3, -1, 2).mean(-1))
@@ -294,13 +294,41 @@ def test_gradients_reach_the_gate_at_conversion_and_the_projections_once_it_open
     ids, _, _ = padded_batch(3 * CHUNK, pads=(0, 0))
     model(input_ids=ids, labels=ids).loss.backward()
     attn = model.transformer.h[0].attn
-    assert attn.retrieval_gate.grad.abs().min() > 0
+    assert attn.retrieval_gate.weight.grad.abs().min() > 0
     assert attn.meta_h_proj.weight.grad.abs().max() == 0  # the gate is 0: retrieval does not reach the loss yet
     model.zero_grad()
     with torch.no_grad():
-        attn.retrieval_gate.fill_(0.5)
+        attn.retrieval_gate.weight.fill_(0.5)
     model(input_ids=ids, labels=ids).loss.backward()
     assert attn.meta_h_proj.weight.grad.abs().max() > 0 and attn.meta_r_proj.weight.grad.abs().max() > 0
+
+
+def test_peft_modules_to_save_learns_the_retrieval_gate_from_zero(base4):
+    """A freshly converted model (gate 0, so LoRA on the retrieval projections gets no gradient) learns its gates
+    through modules_to_save: the adapter's copy opens after one step, the base gate stays 0, and the model reads the
+    copy (chunk 2 then depends on chunk 0; with the adapter disabled it does not)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = converted(base4)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "meta_r_proj", "meta_h_proj"],
+                                                  modules_to_save=["retrieval_gate"], task_type="CAUSAL_LM"))
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.05)
+    ids, _, _ = padded_batch(3 * CHUNK, pads=(0, 0))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    peft_model.eval()
+    for block in model.transformer.h:
+        wrapper = block.attn.retrieval_gate
+        assert wrapper.modules_to_save["default"].weight.abs().min() > 0
+        assert torch.equal(wrapper.original_module.weight, torch.zeros(model.config.n_head))
+    changed = ids.clone()
+    changed[:, 2] = (changed[:, 2] + 1) % VOCAB  # a token of chunk 0
+    later = slice(2 * CHUNK, 3 * CHUNK)
+    with torch.no_grad():
+        assert (peft_model(input_ids=changed).logits[:, later] - peft_model(input_ids=ids).logits[:, later]).abs().max() > 1e-4
+        with peft_model.disable_adapter():
+            assert torch.equal(peft_model(input_ids=changed).logits[:, later], peft_model(input_ids=ids).logits[:, later])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(base4):
@@ -337,7 +365,7 @@ def test_cli_convert_then_train_heals_and_exports(base4, tmp_path):
     assert metrics["steps"] == 4 and metrics["seq_len"] == 64 and metrics["mean_abs_retrieval_gate"] > 0
     model = AutoModelForCausalLM.from_pretrained(healed)
     assert isinstance(model, BSBRForCausalLM)
-    assert model.transformer.h[0].attn.retrieval_gate.abs().max() > 0
+    assert model.transformer.h[0].attn.retrieval_gate.weight.abs().max() > 0
 
 
 # ---- bad input: each a clear error naming the problem ----

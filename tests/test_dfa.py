@@ -37,7 +37,7 @@ def perturb(model, seed=0, scale=1.0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "c_gate" in name or name.endswith("_mask"):
+            if "c_gate" in name or ".dim_masks." in name:
                 param.add_(torch.randn(param.shape, generator=generator) * scale)
     return model
 
@@ -158,7 +158,7 @@ def test_one_optimisation_step_moves_gates_masks_and_lambda(tiny_gpt2_dir):
     tracked = {
         name: param.detach().clone()
         for name, param in model.named_parameters()
-        if "c_gate" in name or name.endswith("_mask") or name.endswith("log_entropy_weight")
+        if "c_gate" in name or ".dim_masks." in name or "entropy_balance" in name
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -166,8 +166,8 @@ def test_one_optimisation_step_moves_gates_masks_and_lambda(tiny_gpt2_dir):
     optimizer.step()
     moved = {name for name, before in tracked.items() if not torch.equal(before, dict(model.named_parameters())[name])}
     assert any("c_gate" in name for name in moved)
-    assert any(name.endswith("q_mask") for name in moved) and any(name.endswith("v_mask") for name in moved)
-    assert "transformer.log_entropy_weight" in moved
+    assert any(name.endswith("dim_masks.q") for name in moved) and any(name.endswith("dim_masks.v") for name in moved)
+    assert "transformer.entropy_balance.log_weight" in moved
 
 
 @pytest.mark.parametrize("direction", ["below_target", "above_target"])
@@ -180,21 +180,60 @@ def test_entropy_weight_rises_below_target_and_falls_above(tiny_gpt2_dir, direct
         # Uniform gates (maximal entropy) and a low target: lambda must fall.
         model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, target_entropy_ratio=0.2)
     ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD([model.transformer.log_entropy_weight], lr=10.0)
-    before = model.transformer.log_entropy_weight.item()
+    log_weight = model.transformer.entropy_balance.log_weight
+    optimizer = torch.optim.SGD([log_weight], lr=10.0)
+    before = log_weight.item()
     out = model(input_ids=ids, labels=ids)
     below = out.gate_entropy.item() < model.target_entropy()
     assert below == (direction == "below_target")
     out.loss.backward()
     optimizer.step()
-    after = model.transformer.log_entropy_weight.item()
+    after = log_weight.item()
     assert (after > before) if below else (after < before)
+
+
+def test_peft_modules_to_save_trains_masks_and_entropy_balance(tiny_gpt2_dir):
+    """Under PEFT the mask logits and lambda train through modules_to_save: the adapter's copies move after one step,
+    the base modules stay, and the model reads the copies (the adapter's lambda and closed masks show in the outputs,
+    the base ones with the adapter disabled)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, mask_sparsity_weight=0.01)
+    base = {name: param.detach().clone() for name, param in model.named_parameters()
+            if ".dim_masks." in name or "entropy_balance" in name}
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM",
+                                                  modules_to_save=["c_gate", "dim_masks", "entropy_balance"]))
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    peft_model.eval()
+    balance = model.transformer.entropy_balance
+    masks = [block.attn.dim_masks for block in model.transformer.h]
+    for i, wrapper in enumerate(masks):
+        for part in "qkv":
+            key = f"transformer.h.{i}.attn.dim_masks.{part}"
+            assert not torch.equal(getattr(wrapper.modules_to_save["default"], part), base[key]), key
+            assert torch.equal(getattr(wrapper.original_module, part), base[key]), key
+    trained_log_weight = balance.modules_to_save["default"].log_weight
+    assert trained_log_weight != base["transformer.entropy_balance.log_weight"]
+    assert torch.equal(balance.original_module.log_weight, base["transformer.entropy_balance.log_weight"])
+
+    with torch.no_grad():
+        for wrapper in masks:
+            wrapper.modules_to_save["default"].v.fill_(-30.0)  # close every v dimension in the adapter's copy
+        adapted = peft_model(input_ids=ids, output_regularizers=True)
+        with peft_model.disable_adapter():
+            plain = peft_model(input_ids=ids, output_regularizers=True)
+    assert adapted.entropy_weight == trained_log_weight.exp() and adapted.active_dim_fraction < 0.6
+    assert plain.entropy_weight.item() == pytest.approx(0.01) and plain.active_dim_fraction == 1.0
 
 
 def close_half_the_dimensions(model):
     with torch.no_grad():
         for block in model.transformer.h:
-            for mask in (block.attn.q_mask, block.attn.k_mask, block.attn.v_mask):
+            for mask in (block.attn.dim_masks.q, block.attn.dim_masks.k, block.attn.dim_masks.v):
                 half = mask.shape[1] // 2
                 for head in range(mask.shape[0]):  # a different half in every head
                     closed = torch.randperm(mask.shape[1], generator=torch.Generator().manual_seed(head))[:half]
@@ -303,7 +342,7 @@ def test_4bit_loading_runs_and_stays_close_to_float32(tmp_path):
         tmp_path / "dfa", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     ).eval()
     # The gate projection is kept out of quantization (_keep_in_fp32_modules), so gates stay exactly 1.
-    assert type(quantized.transformer.h[0].attn.c_gate).__name__ == "Linear"
+    assert type(quantized.transformer.h[0].attn.c_gate).__name__ == "HeadGate"
     assert quantized.transformer.h[0].attn.c_gate.weight.dtype == torch.float32
     ids, mask = left_padded_batch()
     with torch.no_grad():

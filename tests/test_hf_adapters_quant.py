@@ -18,19 +18,20 @@ from transformers.pytorch_utils import Conv1D
 # Documented LoRA targets (GPT-2's Conv1D names, peft sets fan_in_fan_out=True for them) and the new modules trained
 # whole through modules_to_save; the model cards carry the same lists. Scaffold: LoRA on the scaffold GPT-2 only (the
 # base stays frozen) and one modules_to_save entry per fused layer (the matrix fuses layers 0 and 1). BSBR's new
-# projections are Conv1D layers that LoRA adapts (also 4-bit); its retrieval_gate is a bare nn.Parameter, which
-# peft's modules_to_save (modules only) cannot train: it keeps its loaded value.
+# projections are Conv1D layers that LoRA adapts (also 4-bit). DFA's mask logits and entropy weight and BSBR's
+# retrieval gate are small modules (dim_masks, entropy_balance, retrieval_gate) called in forward(), so peft's
+# modules_to_save trains them.
 SCAFFOLD_LORA = r"scaffold\.transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
 LORA = {
-    "dfa": (["c_attn", "c_proj", "c_fc"], ["c_gate"]),
-    "bsbr": (["c_attn", "c_proj", "c_fc", "meta_r_proj", "meta_h_proj"], []),
+    "dfa": (["c_attn", "c_proj", "c_fc"], ["c_gate", "dim_masks", "entropy_balance"]),
+    "bsbr": (["c_attn", "c_proj", "c_fc", "meta_r_proj", "meta_h_proj"], ["retrieval_gate"]),
     "bridge": (["c_attn", "q_attn", "c_proj", "c_fc"], ["bridge", "controls"]),
     "scaffold": (SCAFFOLD_LORA, ["fusers.0", "fusers.1"]),
 }
 # Parameters that must stay float32 (and their modules unquantized) under fp16, bf16 and bitsandbytes.
 KEEP_FP32 = {
-    "dfa": r"\.c_gate\.|_mask$|log_entropy_weight$",
-    "bsbr": r"retrieval_gate$|compress_proj",
+    "dfa": r"\.(c_gate|dim_masks|entropy_balance)\.",
+    "bsbr": r"\.retrieval_gate\.|compress_proj",
     "bridge": r"^(bridge|controls)\.",
     "scaffold": r"^fusers\.",
 }
@@ -149,9 +150,17 @@ def test_peft_lora(arch, matrix_exports, reference, tmp_path):
     assert all(".lora_" in n or ".modules_to_save." in n for n in trainable), trainable
     for wrapped in LORA[arch][1]:  # every modules_to_save entry trains
         assert any(re.search(rf"(^|\.){re.escape(wrapped)}\.modules_to_save\.", n) for n in trainable), wrapped
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if ".modules_to_save." in n
+              or ".original_module." in n}
 
     train_steps(peft_model, arch, steps=3, lr=1e-2)
     assert all(m.lora_B["default"].weight.abs().sum() > 0 for m in lora)  # the adapter is not the zero update
+    after = {n: p.detach().clone() for n, p in peft_model.named_parameters() if n in before}
+    for wrapped in LORA[arch][1]:  # the adapter's copy of every modules_to_save entry moved, the base module did not
+        entry = re.compile(rf"(^|\.){re.escape(wrapped)}\.")
+        copies = [n for n in before if entry.search(n) and ".modules_to_save." in n]
+        assert any(not torch.equal(before[n], after[n]) for n in copies), f"{wrapped}: its copy did not train"
+        assert all(torch.equal(before[n], after[n]) for n in before if entry.search(n) and ".original_module." in n)
     trained = logits(peft_model, arch)
     assert relative_error(trained, reference(arch)) > 1e-3
     peft_model.merge_adapter()  # W + scale * (B A)^T for Conv1D's (in, out) weights: wrong fan_in_fan_out differs
@@ -160,6 +169,8 @@ def test_peft_lora(arch, matrix_exports, reference, tmp_path):
 
     peft_model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(load(arch, matrix_exports[arch]), tmp_path / "adapter").eval()
+    restored = dict(reloaded.named_parameters())
+    assert all(torch.equal(restored[n], after[n]) for n in after if ".modules_to_save." in n)  # trained copies reload
     assert (logits(reloaded, arch) - trained).abs().max() <= 1e-6
 
 

@@ -58,7 +58,7 @@ def run_without_graftlm(code, tmp_path, timeout=300):
 # Parameters that each converter starts at identity (closed gates, zero cross-attention output). The matrix opens
 # them with noise so that every integration runs through the new architecture, not through a copy of stock GPT-2.
 NEW_MODULE_PATTERNS = {
-    "dfa": r"c_gate|_mask$",
+    "dfa": r"c_gate|dim_masks\.",
     "bsbr": r"retrieval_gate",
     "bridge": r"crossattention\.c_proj|^bridge\.|^controls\.",
     "scaffold": r"^fusers\.\d+\.gate$",
