@@ -71,7 +71,7 @@ def trainer_arguments(args, work_dir, **overrides):
         warmup_steps=args.warmup_steps,
         logging_steps=args.logging_steps,
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         eval_strategy="no",
         save_strategy="no",
         report_to="none",

@@ -385,7 +385,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_gpt2_dir):
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(model.transformer.h[0].attn.c_gate.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])

@@ -134,16 +134,16 @@ def test_gradient_checkpointing(plain, arch, tmp_path):
 
     loss, grads = loss_and_grads()
     assert len(calls) == 1 and grads
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
     loss_gc, grads_gc = loss_and_grads()
     assert len(calls) == 2  # recomputed in the backward pass
     assert abs(loss - loss_gc) <= TOL and grads.keys() == grads_gc.keys()
     assert max((grads[n] - grads_gc[n]).abs().max().item() for n in grads) <= TOL
 
-    fresh = load(plain[arch], arch)  # through TrainingArguments(gradient_checkpointing=True)
-    _, losses = train(fresh, data, tmp_path, steps=1, gradient_checkpointing=True)
-    assert fresh.is_gradient_checkpointing and abs(losses[0] - loss) <= TOL * max(1.0, abs(loss))
+    fresh = load(plain[arch], arch)  # through TrainingArguments(activation_checkpointing=True)
+    _, losses = train(fresh, data, tmp_path, steps=1, activation_checkpointing=True)
+    assert fresh.is_activation_checkpointing and abs(losses[0] - loss) <= TOL * max(1.0, abs(loss))
 
 
 # ----- 3. bf16 -----
