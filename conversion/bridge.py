@@ -190,7 +190,10 @@ def model_card(report, repo_id):
     metadata = {
         "library_name": "transformers",
         "base_model": [report.encoder, report.decoder],
-        "license": "mit",
+        # The weights combine two checkpoints (e.g. BERT: Apache-2.0, GPT-2: MIT), so both licences apply; the
+        # converter cannot read them offline. `graftlm convert ... --license ID` states the one to publish under.
+        "license": "other",
+        "license_name": "encoder-and-decoder-licences",
         "pipeline_tag": "text2text-generation",
         "tags": ["graftlm", "bert-gpt2-bridge", "bert", "gpt2", "encoder-decoder", "custom_code"],
     }

@@ -41,6 +41,10 @@ def _add_export_arguments(parser):
     group.add_argument("--private", action="store_true", help="create the Hub repo as private")
     group.add_argument("--token", help="Hub token (default: the cached login or HF_TOKEN)")
     group.add_argument("--commit-message", help="commit message of the upload")
+    group.add_argument("--license", metavar="ID",
+                       help="Hub licence identifier for the model card (default: the source checkpoints' licence as "
+                            "the converter knows it: mit for GPT-2 conversions, other for Bridged, whose weights "
+                            "carry both sources' licences)")
 
 
 def run_convert(args):
@@ -50,8 +54,12 @@ def run_convert(args):
     converter = importlib.import_module(CONVERTERS[args.arch])
     model, tokenizers, card_builder = converter.convert_from_args(args)
     repo_id = args.push_to_hub or str(args.output_dir)
+    template, metadata, fields = card_builder(repo_id)
+    if args.license:
+        metadata = {key: value for key, value in metadata.items() if key != "license_name"}
+        metadata["license"] = args.license
     folder = export_model(
-        model, args.output_dir, tokenizers=tokenizers, card=card_builder(repo_id), overwrite=args.overwrite
+        model, args.output_dir, tokenizers=tokenizers, card=(template, metadata, fields), overwrite=args.overwrite
     )
     print(f"exported to {folder}")
     if args.push_to_hub:

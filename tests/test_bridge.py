@@ -392,6 +392,7 @@ def test_convert_cli_export_loads_in_a_fresh_process_with_remote_code(gpt2_dir, 
     card = (out / "README.md").read_text()
     for key in ("library_name: transformers", "pipeline_tag: text2text-generation", "license:", "tags:", "base_model:"):
         assert key in card
+    assert "license: other" in card and "license_name: encoder-and-decoder-licences" in card  # two sources' licences
     assert "crossattention.c_proj" in card and "bridge" in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     model = AutoModelForSeq2SeqLM.from_pretrained(out)

@@ -63,6 +63,14 @@ def cli_export(tiny_gpt2_dir, tmp_path_factory):
     return folder
 
 
+def test_license_option_sets_the_card_licence(tiny_gpt2_dir, tmp_path):
+    folder = tmp_path / "dfa"
+    assert main(["convert", "dfa", "--base", str(tiny_gpt2_dir), "--output-dir", str(folder),
+                 "--license", "apache-2.0"]) == 0
+    header = (folder / "README.md").read_text().split("---")[1]
+    assert "license: apache-2.0" in header and "license: mit" not in header
+
+
 def test_convert_refuses_an_existing_output_folder_and_leaves_it_untouched(cli_export, tiny_gpt2_dir, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in cli_export.iterdir()}
     assert main(["convert", "dfa", "--base", str(tiny_gpt2_dir), "--output-dir", str(cli_export)]) == 2
