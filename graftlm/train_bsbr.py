@@ -7,7 +7,6 @@ The result is exported like a converted model (remote code, tokenizer, Hub-ready
 """
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .training import add_text_training_arguments, loss_history, split_blocks, trainer_arguments, write_metrics
+from .training import add_text_training_arguments, loss_history, export_trained, split_blocks, trainer_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def add_arguments(parser):
 def main(args):
     from transformers import Trainer
 
-    from .export import check_output_dir, export_model
+    from .export import check_output_dir
     from .inference import load_model_and_tokenizer
 
     check_output_dir(args.output_dir, args.overwrite)
@@ -96,14 +95,9 @@ def main(args):
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
         gates = torch.stack([block.attn.retrieval_gate().detach() for block in model.transformer.h])
         metrics["mean_abs_retrieval_gate"] = gates.abs().mean().item()
-        if trainer.is_world_process_zero():
-            model.eval()
-            for param in model.parameters():
-                param.requires_grad_(True)
-            folder = export_model(model, args.output_dir, tokenizers={"": tokenizer}, overwrite=args.overwrite)
-            write_metrics(folder, "healing_metrics.json", metrics)
-            print(json.dumps(metrics, indent=2))
-            print(f"exported to {folder}")
+        for param in model.parameters():
+            param.requires_grad_(True)
+        export_trained(trainer, model, args, {"": tokenizer}, metrics, "healing_metrics.json")
     return metrics
 
 

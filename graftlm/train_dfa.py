@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .training import add_text_training_arguments, loss_history, split_blocks, trainer_arguments, write_metrics
+from .training import add_text_training_arguments, loss_history, export_trained, split_blocks, trainer_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def add_arguments(parser):
 def main(args):
     from transformers import Trainer
 
-    from .export import check_output_dir, export_model
+    from .export import check_output_dir
     from .inference import load_model_and_tokenizer
 
     check_output_dir(args.output_dir, args.overwrite)
@@ -68,12 +68,7 @@ def main(args):
                    "loss_history": loss_history(trainer)}
         if len(eval_set):
             metrics["eval_loss"] = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]  # with the regulariser
-        if trainer.is_world_process_zero():
-            model.eval()
-            folder = export_model(model, args.output_dir, tokenizers={"": tokenizer}, overwrite=args.overwrite)
-            write_metrics(folder, "training_metrics.json", metrics)
-            print(json.dumps(metrics, indent=2))
-            print(f"exported to {folder}")
+        export_trained(trainer, model, args, {"": tokenizer}, metrics)
     return metrics
 
 

@@ -88,8 +88,16 @@ def loss_history(trainer):
     return [{"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry]
 
 
-def write_metrics(folder, name, metrics):
-    """Write `metrics` as <folder>/<name> (indented JSON) and return the path."""
-    path = folder / name
-    path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    return path
+def export_trained(trainer, model, args, tokenizers, metrics, metrics_name="training_metrics.json"):
+    """On the main process only (the others return None): export the trained model to --output-dir with `metrics`
+    as JSON beside it, print them, and return the folder."""
+    from .export import export_model
+
+    if not trainer.is_world_process_zero():
+        return None
+    model.eval()
+    folder = export_model(model, args.output_dir, tokenizers=tokenizers, overwrite=args.overwrite)
+    (folder / metrics_name).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    print(json.dumps(metrics, indent=2))
+    print(f"exported to {folder}")
+    return folder
