@@ -17,7 +17,7 @@ from transformers import GenerationConfig, GPT2Config
 
 from ..configuration.configuration_bridge import BRIDGE_TYPES, BridgeConfig
 from ..modeling.modeling_bridge import BridgeForConditionalGeneration
-from ..modeling.pipeline_bridge import CUSTOM_PIPELINES
+from ..modeling.pipeline_bridge import CUSTOM_PIPELINES, ENCODER_TOKENIZER_SUBFOLDER
 from .common import (
     ConversionError,
     card_tables,
@@ -30,7 +30,6 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
-ENCODER_TOKENIZER_SUBFOLDER = "encoder_tokenizer"
 # Options of BridgeConfig a conversion may set, with the bridges (or "controls") they apply to.
 APPLIES_TO = {
     "bridge_type": BRIDGE_TYPES,

@@ -138,10 +138,8 @@ def generate_in_fresh_process(folder, auto_class, input_ids, attention_mask, max
 
 def demo_architecture(arch, base, encoder, output_dir, tokenizer, stock, new_tokens=24):
     """Convert `base` into `arch` with the CLI, reload the export in a fresh process, generate, compare with stock."""
-    from transformers import AutoTokenizer
-
     from .cli import main as cli_main
-    from .inference import load_model_and_tokenizer
+    from .inference import load_encoder_tokenizer, load_model_and_tokenizer
 
     folder = output_dir / f"gpt2-{arch}"
     args = ["convert", arch, *convert_arguments(arch, str(base), str(encoder), stock.config.n_layer)]
@@ -150,8 +148,7 @@ def demo_architecture(arch, base, encoder, output_dir, tokenizer, stock, new_tok
     model, _ = load_model_and_tokenizer(folder)
     if model.config.is_encoder_decoder:
         # The decoder starts as GPT-2 exactly (zero cross-attention output): compare with GPT-2 continuing eos.
-        batch = AutoTokenizer.from_pretrained(folder, subfolder="encoder_tokenizer")(DEMO_PROMPTS, return_tensors="pt",
-                                                                                    padding=True)
+        batch = load_encoder_tokenizer(folder, model, tokenizer)(DEMO_PROMPTS, return_tensors="pt", padding=True)
         reference_input = torch.full((len(DEMO_PROMPTS), 1), tokenizer.eos_token_id)
         reference_mask = torch.ones_like(reference_input)
         auto_class = "AutoModelForSeq2SeqLM"

@@ -62,19 +62,14 @@ def causal_perplexity(name_or_path, texts, max_length=None, stride=None, trust_r
 def seq2seq_perplexity(name_or_path, sources, targets, trust_remote_code=False):
     """Perplexity of each target given its source under a seq2seq model (target tokens + eos scored, as in training)
     and over all pairs (tokens pooled). GraftLM exports keep the encoder's tokenizer in `encoder_tokenizer/`."""
-    from transformers import AutoTokenizer
-
-    from .inference import load_model_and_tokenizer
+    from .inference import load_encoder_tokenizer, load_model_and_tokenizer
 
     if len(sources) != len(targets):
         raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
     model, target_tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if not model.config.is_encoder_decoder:
         raise ValueError(f"{name_or_path} is not an encoder-decoder model: score it with texts")
-    try:
-        source_tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="encoder_tokenizer")
-    except OSError:
-        source_tokenizer = target_tokenizer
+    source_tokenizer = load_encoder_tokenizer(name_or_path, model, target_tokenizer)
     device = next(model.parameters()).device
     perplexities, total_nll, total_tokens = [], 0.0, 0
     for source, target in tqdm(list(zip(sources, targets)), desc="pairs", disable=len(sources) < 2):

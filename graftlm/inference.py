@@ -16,16 +16,30 @@ def load_model_and_tokenizer(name_or_path, trust_remote_code=False, **kwargs):
     return model, tokenizer
 
 
+def load_encoder_tokenizer(name_or_path, model, tokenizer):
+    """The tokenizer of a seq2seq model's inputs: bridged exports keep their encoder's (BERT) tokenizer in
+    encoder_tokenizer/; other seq2seq models share `tokenizer` between both sides."""
+    from transformers import AutoTokenizer
+
+    from .modeling.pipeline_bridge import ENCODER_TOKENIZER_SUBFOLDER
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, subfolder=ENCODER_TOKENIZER_SUBFOLDER)
+    except OSError:
+        if model.config.model_type == "bert_gpt2_bridge":
+            raise ValueError(f"{name_or_path} has no {ENCODER_TOKENIZER_SUBFOLDER}/ folder: a bridged model reads its "
+                             "input with its encoder's tokenizer") from None
+        return tokenizer
+
+
 def generate_text(name_or_path, prompts, max_new_tokens=40, seed=0, trust_remote_code=False, **generate_kwargs):
     model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     encoder_tokenizer = tokenizer
-    if model.config.is_encoder_decoder:  # GraftLM seq2seq exports keep the encoder's tokenizer in a subfolder
-        from transformers import AutoTokenizer
-
-        encoder_tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="encoder_tokenizer")
+    if model.config.is_encoder_decoder:
+        encoder_tokenizer = load_encoder_tokenizer(name_or_path, model, tokenizer)
     inputs = encoder_tokenizer(list(prompts), return_tensors="pt", padding=True)
     if not generate_kwargs.get("do_sample"):
         for key in ("temperature", "top_k", "top_p"):

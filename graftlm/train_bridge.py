@@ -8,7 +8,6 @@ like a converted model (remote code, both tokenizers, Hub-ready), with training_
 """
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -17,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .training import add_trainer_options, loss_history, trainer_arguments, write_metrics
+from .modeling.pipeline_bridge import ENCODER_TOKENIZER_SUBFOLDER
+from .training import add_trainer_options, export_trained, loss_history, trainer_arguments
 
 logger = logging.getLogger(__name__)
-
-ENCODER_TOKENIZER_SUBFOLDER = "encoder_tokenizer"
 
 
 def load_pairs(source, src_column="src", tgt_column="tgt", split="train", dataset_config=None):
@@ -140,7 +138,7 @@ def add_arguments(parser):
 def main(args):
     from transformers import Trainer
 
-    from .export import check_output_dir, export_model
+    from .export import check_output_dir
 
     check_output_dir(args.output_dir, args.overwrite)
     model, source_tokenizer, target_tokenizer = load_bridge(args.model, args.trust_remote_code)
@@ -169,13 +167,8 @@ def main(args):
         if eval_set is not None:
             eval_loss = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50.0)))
-        if trainer.is_world_process_zero():
-            model.eval()
-            tokenizers = {"": target_tokenizer, ENCODER_TOKENIZER_SUBFOLDER: source_tokenizer}
-            folder = export_model(model, args.output_dir, tokenizers=tokenizers, overwrite=args.overwrite)
-            write_metrics(folder, "training_metrics.json", metrics)
-            print(json.dumps(metrics, indent=2))
-            print(f"exported to {folder}")
+        tokenizers = {"": target_tokenizer, ENCODER_TOKENIZER_SUBFOLDER: source_tokenizer}
+        export_trained(trainer, model, args, tokenizers, metrics)
     return metrics
 
 
