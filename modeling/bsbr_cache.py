@@ -1,7 +1,6 @@
 """Generation cache of GPT2-BSBR: per layer, the current chunk's keys and values, the running state of that chunk,
 and, per completed chunk j, its state F_j, normaliser z_j and key H_j. Its size grows with n / chunk_size, not n."""
 
-import torch
 from transformers.cache_utils import Cache
 
 # (name, batch dim first) of every tensor one layer keeps; all are indexed by the batch row first.

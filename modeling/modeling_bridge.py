@@ -23,7 +23,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from ..configuration.configuration_bridge import BridgeConfig
 from .bridge_decoding import AdaptiveLogitsProcessor, expand_controls, likelihood_control_loss, prior_control_loss
-from .bridge_layers import BRIDGES, DecodingControls, GABridge, LinearBridge, PopulationBridge
+from .bridge_layers import BRIDGES, DecodingControls, GABridge, PopulationBridge
 
 
 @dataclass
