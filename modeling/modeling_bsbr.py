@@ -249,6 +249,8 @@ class BSBRBlock(GradientCheckpointingLayer):
         self.attn = BSBRAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(inner_dim, config)
+        for projection in (self.attn.c_proj, self.mlp.c_proj):
+            projection.residual_projection = True  # scaled init (_init_weights)
 
     def forward(self, hidden_states, valid, layer_state=None, **kwargs):
         hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), valid, layer_state)
@@ -277,12 +279,12 @@ class BSBRPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, Conv1D):
-            init.normal_(module.weight, mean=0.0, std=std)
+            # GPT-2's scaled init of the residual projections (std / sqrt(2 * n_layer)), marked by the blocks: for
+            # remote code, transformers initialises only modules holding parameters, so this happens at the leaf.
+            scale = math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_projection", False) else 1.0
+            init.normal_(module.weight, mean=0.0, std=std / scale)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        if isinstance(module, (BSBRAttention, GPT2MLP)):
-            # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer))
-            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         # transformers calls this only for modules that hold parameters themselves: each new module is initialised
         # under its own class.
         if isinstance(module, RetrievalGate):

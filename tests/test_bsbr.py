@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from testing_utils import minilm_dir, run_without_graftlm, save_tiny_gpt2
+from testing_utils import assert_gpt2_init, minilm_dir, run_without_graftlm, save_tiny_gpt2
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2LMHeadModel
 
 import graftlm  # noqa: F401  registers the architectures
@@ -417,3 +417,7 @@ def test_other_bad_options_and_inputs_are_refused(base4):
         model(input_ids=ids, past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="attention_mask"):
         model(input_ids=ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
+
+
+def test_model_built_from_a_config_is_initialised_as_gpt2():
+    assert_gpt2_init(BSBRForCausalLM, BSBRConfig)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from testing_utils import gpt2_tokenizer, run_without_graftlm, save_tiny_gpt2
+from testing_utils import assert_gpt2_init, gpt2_tokenizer, run_without_graftlm, save_tiny_gpt2
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 import graftlm  # noqa: F401  registers the architectures
@@ -361,8 +361,9 @@ def test_half_precision_loading_generates(tiny_gpt2_dir, tmp_path, dtype):
     model.save_pretrained(tmp_path / "dfa")
     half = DFAForCausalLM.from_pretrained(tmp_path / "dfa", dtype=dtype).eval()
     assert half.transformer.wte.weight.dtype == dtype
-    if dtype == torch.float16:  # transformers keeps _keep_in_fp32_modules in float32 under float16 only
-        assert half.transformer.h[0].attn.c_gate.weight.dtype == torch.float32
+    # _keep_in_fp32_modules_strict: the gates, mask logits and entropy weight stay float32 under both half dtypes
+    assert half.transformer.h[0].attn.c_gate.weight.dtype == torch.float32
+    assert half.transformer.h[0].attn.dim_masks.q.dtype == half.transformer.entropy_balance.log_weight.dtype == torch.float32
     ids, mask = left_padded_batch()
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits
@@ -389,6 +390,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_gpt2_dir):
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(model.transformer.h[0].attn.c_gate.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_model_built_from_a_config_is_initialised_as_gpt2():
+    assert_gpt2_init(DFAForCausalLM, DFAConfig)
 
 
 def test_bert_checkpoint_is_refused():
