@@ -19,6 +19,7 @@ from pathlib import Path
 from string import Template
 
 from . import registry
+from .modeling.hf_compat import SUPPORTED_TRANSFORMERS
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,19 @@ def render_card(template_name, metadata, fields):
     except KeyError as err:
         raise ExportError(f"model card template {template_name}.md needs the field {err}") from None
     header = "\n".join(f"{key}:{_yaml_value(value)}" for key, value in metadata.items())
-    return f"---\n{header}\n---\n\n{body}"
+    return f"---\n{header}\n---\n\n{body.rstrip()}\n\n{_requirements()}"
+
+
+def _requirements():
+    import torch
+    import transformers
+
+    return (
+        "## Requirements\n\n"
+        f"The model's code (`trust_remote_code=True`) supports transformers {SUPPORTED_TRANSFORMERS}; under a release "
+        "outside that range it warns once when loaded, naming the range and the installed version. Exported with "
+        f"transformers {transformers.__version__} and torch {torch.__version__.split('+')[0]}.\n"
+    )
 
 
 def export_model(model, output_dir, *, tokenizers=None, card=None, overwrite=False):
@@ -139,12 +152,16 @@ def export_model(model, output_dir, *, tokenizers=None, card=None, overwrite=Fal
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        previous_auto_map = getattr(model.config, "auto_map", None)
-        model.config.auto_map = auto_map
+        # Saved with the export only: the Auto classes, and the transformers range the exported code supports.
+        extra = {"auto_map": auto_map, "graftlm_supported_transformers": SUPPORTED_TRANSFORMERS}
+        previous = {key: getattr(model.config, key, None) for key in extra}
+        for key, value in extra.items():
+            setattr(model.config, key, value)
         try:
             model.save_pretrained(staging, safe_serialization=True)
         finally:
-            model.config.auto_map = previous_auto_map
+            for key, value in previous.items():
+                setattr(model.config, key, value)
         for name, text in sources.items():
             (staging / name).write_text(text, encoding="utf-8")
         for subfolder, tokenizer in (tokenizers or {}).items():

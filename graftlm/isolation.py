@@ -17,13 +17,15 @@ _BLOCK_GRAFTLM = (
 )
 
 
-def run_without_graftlm(code, workdir, timeout=600):
-    """Run `code` in a fresh interpreter (cwd `workdir`, Hub offline) and return its last stdout line parsed as JSON."""
+def run_without_graftlm(code, workdir, timeout=600, python=None):
+    """Run `code` in a fresh interpreter (cwd `workdir`, Hub offline) and return its last stdout line parsed as JSON.
+
+    python: the interpreter (default: this one), e.g. one of an environment with another transformers release."""
     workdir = Path(workdir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "hf_modules"))
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
-        [sys.executable, "-c", _BLOCK_GRAFTLM + textwrap.dedent(code)],
+        [python or sys.executable, "-c", _BLOCK_GRAFTLM + textwrap.dedent(code)],
         cwd=workdir,
         stdin=subprocess.DEVNULL,
         env=env,

@@ -11,6 +11,10 @@ encoder input; training moves it away.
 BERT and the bridge run once per generate() call (get_encoder()); the decoder caches its self- and
 cross-attention keys/values in an EncoderDecoderCache. Labels follow transformers' EncoderDecoderModel: decoder
 inputs are the labels shifted right behind decoder_start_token_id, with -100 replaced by pad_token_id.
+
+transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
+initialization, modeling_outputs.{BaseModelOutput, Seq2SeqLMOutput}; BertModel and GPT2LMHeadModel (with
+add_cross_attention) are called by keyword. The cache's name differs between releases: hf_compat.CACHE_NAME.
 """
 
 from dataclasses import dataclass
@@ -18,35 +22,28 @@ from dataclasses import dataclass
 import torch
 from transformers import BertModel, GenerationMixin, GPT2LMHeadModel, LogitsProcessorList, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from ..configuration.configuration_bridge import BridgeConfig
 from .bridge_decoding import AdaptiveLogitsProcessor, expand_controls, likelihood_control_loss, prior_control_loss
 from .bridge_layers import BRIDGES, DecodingControls, GABridge, PopulationBridge
+from .hf_compat import cache_kwargs, cache_of, pick_cache
 
 
 @dataclass
-class BridgeEncoderOutput(ModelOutput):
-    last_hidden_state: torch.FloatTensor | None = None  # bridged states (B, L, D_dec): what cross-attention reads
-    hidden_states: tuple | None = None  # BERT's, when output_hidden_states
-    attentions: tuple | None = None  # BERT's, when output_attentions
+class BridgeEncoderOutput(BaseModelOutput):
+    """last_hidden_state: the bridged states (B, L, D_dec), what cross-attention reads; hidden_states and attentions:
+    BERT's, when asked for."""
+
     bert_last_hidden_state: torch.FloatTensor | None = None  # BERT's output, before the bridge (B, L, D_enc)
     temperature: torch.FloatTensor | None = None  # (B,) predicted decoding temperature, with config.controls
     top_k: torch.FloatTensor | None = None  # (B,) predicted top-k (continuous), with config.controls
 
 
 @dataclass
-class BridgeSeq2SeqLMOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None  # ce_loss + control_loss_weight * control_loss
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    decoder_hidden_states: tuple | None = None
-    decoder_attentions: tuple | None = None
-    cross_attentions: tuple | None = None
-    encoder_last_hidden_state: torch.FloatTensor | None = None  # the bridged states
-    encoder_hidden_states: tuple | None = None
-    encoder_attentions: tuple | None = None
+class BridgeSeq2SeqLMOutput(Seq2SeqLMOutput):
+    """loss = ce_loss + control_loss_weight * control_loss; encoder_last_hidden_state: the bridged states."""
+
     ce_loss: torch.FloatTensor | None = None
     control_loss: torch.FloatTensor | None = None
     temperature: torch.FloatTensor | None = None
@@ -97,7 +94,7 @@ class BridgePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["BertLayer", "GPT2Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     # The new modules that training opens (the bridge, the decoding-control heads with one output each) stay float32
     # and unquantized under fp16, bf16 and bitsandbytes; encode() casts into and out of them.
     _keep_in_fp32_modules = ["bridge", "controls"]
@@ -193,6 +190,7 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
         return_dict=None,
         logits_to_keep=0,
         num_items_in_batch=None,
+        cache=None,
         **kwargs,
     ):
         """Seq2seq forward. `attention_mask` is the encoder's; it masks BERT and the decoder's cross-attention.
@@ -200,7 +198,10 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
         labels: (B, T) target ids, -100 where ignored. Without decoder inputs, decoder_input_ids =
         shift_tokens_right(labels) and decoder_attention_mask = decoder_mask_from_labels(labels).
         loss = ce_loss + control_loss_weight * control_loss (ce_loss alone without controls).
+        The decoder's cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before) and is returned
+        under the running release's name.
         """
+        cache = pick_cache(cache, past_key_values)
         unknown = sorted(set(kwargs) - {"position_ids", "decoder_position_ids", "cache_position"})
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward got unexpected argument(s): {', '.join(unknown)}")
@@ -226,10 +227,10 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
             inputs_embeds=decoder_inputs_embeds,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             return_dict=True,
+            **cache_kwargs(cache),
             **decoder_kwargs,
         )
 
@@ -252,7 +253,7 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
         return BridgeSeq2SeqLMOutput(
             loss=loss,
             logits=decoder.logits,
-            past_key_values=decoder.past_key_values,
+            **cache_kwargs(cache_of(decoder)),
             decoder_hidden_states=decoder.hidden_states,
             decoder_attentions=decoder.attentions,
             cross_attentions=decoder.cross_attentions,

@@ -15,6 +15,12 @@ a learned head_dim -> head_dim / c projection before phi.
 Chunks are counted over each row's real tokens (attention_mask == 1), so a left-padded row is chunked exactly like
 the same row without padding. No n x n tensor is built: the local term is a (batch, heads * n_chunks, B, B) SDPA,
 the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
+
+transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
+initialization, modeling_layers.GradientCheckpointingLayer, modeling_outputs.{BaseModelOutputWithPast,
+CausalLMOutputWithPast}, modeling_utils.slice_logits_to_keep, models.gpt2.modeling_gpt2.GPT2MLP,
+pytorch_utils.Conv1D, and cache_utils.Cache (bsbr_cache.py). The cache's name differs between releases:
+hf_compat.CACHE_NAME.
 """
 
 import math
@@ -33,6 +39,7 @@ from transformers.pytorch_utils import Conv1D
 from ..configuration.configuration_bsbr import BSBRConfig
 from .bsbr_cache import BSBRCache
 from .gpt2_inputs import checked_position_ids
+from .hf_compat import cache_kwargs, cache_of, pick_cache
 
 
 def feature_map(x, name):
@@ -263,7 +270,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BSBRBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     # Small modules read as raw weights by the float32 retrieval path: never quantized, float32 under fp16 and bf16.
     _keep_in_fp32_modules = ["compress_proj"]
@@ -320,23 +327,26 @@ class BSBRModel(BSBRPreTrainedModel):
         use_cache=None,
         output_attentions=None,
         output_hidden_states=None,
+        cache=None,
         **kwargs,
     ):
+        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before)."""
+        cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if output_attentions:
             raise ValueError("GPT2-BSBR builds no token-by-token attention matrix; output_attentions is not supported")
-        if past_key_values is not None and not isinstance(past_key_values, BSBRCache):
-            raise TypeError(f"past_key_values must be a BSBRCache, got {type(past_key_values).__name__}")
+        if cache is not None and not isinstance(cache, BSBRCache):
+            raise TypeError(f"the cache must be a BSBRCache, got {type(cache).__name__}")
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = BSBRCache(self.config.n_layer)
+        if use_cache and cache is None:
+            cache = BSBRCache(self.config.n_layer)
         if not use_cache:
-            past_key_values = None
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
         position_ids = checked_position_ids(
             inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
         )
@@ -345,7 +355,7 @@ class BSBRModel(BSBRPreTrainedModel):
 
         # Without a filled cache, move each row's real tokens to the front (layer norms and MLPs act per token, so
         # this commutes with everything but the chunking), which makes every row's chunks start at its first real token.
-        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        decoding = past_length > 0
         order = None
         if not decoding and not bool(real.all()):
             order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
@@ -357,15 +367,15 @@ class BSBRModel(BSBRPreTrainedModel):
         for i, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden.append(restore(hidden_states))
-            layer_state = past_key_values.layers[i] if past_key_values is not None else None
+            layer_state = cache.layers[i] if cache is not None else None
             hidden_states = block(hidden_states, real, layer_state)
         hidden_states = restore(self.ln_f(hidden_states))
         if output_hidden_states:
             all_hidden.append(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **cache_kwargs(cache),
         )
 
     @staticmethod
@@ -410,11 +420,14 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         output_attentions=None,
         output_hidden_states=None,
         logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
+        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before) and is returned under the
+        running release's name."""
         out = self.transformer(
             input_ids=input_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
@@ -429,7 +442,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **cache_kwargs(cache_of(out))
         )
 
 

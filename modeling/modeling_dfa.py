@@ -9,6 +9,12 @@ Each attention layer keeps GPT-2's math and parameter names (c_attn, c_proj, ln_
 A converted model therefore computes exactly what the stock GPT-2 computed; training moves it away.
 The masks and lambda live in small modules (HeadDimMasks, EntropyBalance) that are called, so peft's modules_to_save
 can train them (it swaps in the adapter's copy of a module; a bare nn.Parameter would stay frozen).
+
+transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
+cache_utils.DynamicCache, initialization, masking_utils.create_causal_mask, modeling_layers.GradientCheckpointingLayer,
+modeling_outputs.{BaseModelOutputWithPast, CausalLMOutputWithPast}, modeling_utils.{ALL_ATTENTION_FUNCTIONS,
+slice_logits_to_keep}, models.gpt2.modeling_gpt2.{GPT2MLP, eager_attention_forward}, pytorch_utils.Conv1D.
+The cache's name differs between releases: hf_compat.CACHE_NAME.
 """
 
 import math
@@ -18,36 +24,28 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, eager_attention_forward
 from transformers.pytorch_utils import Conv1D
 
 from ..configuration.configuration_dfa import DFAConfig
 from .gpt2_inputs import checked_position_ids
+from .hf_compat import cache_kwargs, cache_of, pick_cache
 
 
 @dataclass
-class DFAModelOutput(ModelOutput):
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
+class DFAModelOutput(BaseModelOutputWithPast):
     gate_entropy: torch.FloatTensor | None = None  # mean entropy of the head-gate distribution (nats)
     mask_mean: torch.FloatTensor | None = None  # mean value of all head-dimension masks
     gates: tuple | None = None  # per layer (batch, seq or 1, heads kept): g = H * softmax(...), when output_gates
 
 
 @dataclass
-class DFACausalLMOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
+class DFACausalLMOutput(CausalLMOutputWithPast):
     ce_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
     gate_entropy: torch.FloatTensor | None = None
@@ -109,21 +107,21 @@ class DFAAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def gate_probs(self, hidden_states, first_token_index, past_key_values):
+    def gate_probs(self, hidden_states, first_token_index, cache):
         """Softmax over heads: (batch, seq, n_head) per token, or (batch, 1, n_head) per sequence."""
         # c_gate stays in float32 under quantization or half-precision loading (_keep_in_fp32_modules).
         hidden_states = hidden_states.to(self.c_gate.weight.dtype)
         if self.config.gate_mode == "token":
             return torch.softmax(self.c_gate(hidden_states).float(), dim=-1)
-        stored = getattr(past_key_values, "dfa_sequence_gates", {}) if past_key_values is not None else {}
+        stored = getattr(cache, "dfa_sequence_gates", {}) if cache is not None else {}
         if self.layer_idx in stored:
             return stored[self.layer_idx]
         rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
         probs = torch.softmax(self.c_gate(hidden_states[rows, first_token_index]).float(), dim=-1)[:, None, :]
-        if past_key_values is not None:
-            if not hasattr(past_key_values, "dfa_sequence_gates"):
-                past_key_values.dfa_sequence_gates = {}
-            past_key_values.dfa_sequence_gates[self.layer_idx] = probs
+        if cache is not None:
+            if not hasattr(cache, "dfa_sequence_gates"):
+                cache.dfa_sequence_gates = {}
+            cache.dfa_sequence_gates[self.layer_idx] = probs
         return probs
 
     def masked_qkv(self, hidden_states):
@@ -144,15 +142,15 @@ class DFAAttention(nn.Module):
             qkv = qkv * mask.to(qkv.dtype)
         return qkv.view(*hidden_states.shape[:-1], -1).split(self.split_sizes, dim=-1)
 
-    def forward(self, hidden_states, attention_mask, past_key_values=None, first_token_index=None, **kwargs):
+    def forward(self, hidden_states, attention_mask, cache=None, first_token_index=None, **kwargs):
         batch, seq, _ = hidden_states.shape
         q, k, v = self.masked_qkv(hidden_states)
         # (batch, heads, seq, dims)
         q = q.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2)
         k = k.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2)
         v = v.view(batch, seq, self.num_heads, self.v_dim).transpose(1, 2)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
 
         attention = eager_attention_forward
         if self.config._attn_implementation not in (None, "eager"):
@@ -161,7 +159,7 @@ class DFAAttention(nn.Module):
             self, q, k, v, attention_mask, dropout=self.attn_dropout.p if self.training else 0.0, scaling=self.scaling
         )  # out: (batch, seq, heads, v_dim)
 
-        probs = self.gate_probs(hidden_states, first_token_index, past_key_values)
+        probs = self.gate_probs(hidden_states, first_token_index, cache)
         kept = probs if self.num_heads == self.n_head else probs[..., self.kept_heads]
         gates = self.n_head * kept  # (batch, seq or 1, heads kept); entropy below uses all heads' probs
         out = out * gates[..., None].to(out.dtype)
@@ -180,10 +178,8 @@ class DFABlock(GradientCheckpointingLayer):
         for projection in (self.attn.c_proj, self.mlp.c_proj):
             projection.residual_projection = True  # scaled init (_init_weights)
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, first_token_index=None, **kwargs):
-        attn_out, weights, probs, gates = self.attn(
-            self.ln_1(hidden_states), attention_mask, past_key_values, first_token_index
-        )
+    def forward(self, hidden_states, attention_mask=None, cache=None, first_token_index=None, **kwargs):
+        attn_out, weights, probs, gates = self.attn(self.ln_1(hidden_states), attention_mask, cache, first_token_index)
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
         return hidden_states, weights, probs, gates
@@ -195,7 +191,7 @@ class DFAPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DFABlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     # The head gates, the q/k/v mask logits and the entropy weight's log are tiny and scale whole heads or, through
     # exp(), the regulariser: they stay float32 under fp16, bf16 and bitsandbytes (c_gate is never quantized).
@@ -256,19 +252,22 @@ class DFAModel(DFAPreTrainedModel):
         output_hidden_states=None,
         output_gates=None,
         output_regularizers=True,
+        cache=None,
         **kwargs,
     ):
+        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before)."""
+        cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
         position_ids = checked_position_ids(
             inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
         )
@@ -282,8 +281,8 @@ class DFAModel(DFAPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **cache_kwargs(cache),
         )
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
 
@@ -292,7 +291,7 @@ class DFAModel(DFAPreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             hidden_states, weights, probs, gates = block(
-                hidden_states, causal_mask, past_key_values, first_token_index, **kwargs
+                hidden_states, causal_mask, cache, first_token_index, **kwargs
             )
             if output_regularizers:
                 entropies.append(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1))  # (batch, seq or 1)
@@ -313,12 +312,12 @@ class DFAModel(DFAPreTrainedModel):
             mask_mean = torch.cat([m.flatten() for block in self.h for m in block.attn.dim_masks()]).mean()
         return DFAModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
             gate_entropy=gate_entropy,
             mask_mean=mask_mean,
             gates=tuple(all_gates) if output_gates else None,
+            **cache_kwargs(cache),
         )
 
     @torch.no_grad()
@@ -362,15 +361,17 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
         output_gates=None,
         output_regularizers=None,
         logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
         """output_regularizers: compute the aux loss and its parts (default: when labels are given or in training;
-        generate() skips them, so decoding pays nothing for the regulariser)."""
+        generate() skips them, so decoding pays nothing for the regulariser). The cache comes as `cache`
+        (transformers >= 5.24) or `past_key_values` (before) and is returned under the running release's name."""
         if output_regularizers is None:
             output_regularizers = labels is not None or self.training
         out = self.transformer(
             input_ids=input_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
@@ -408,7 +409,6 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
         return DFACausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             ce_loss=ce_loss,
@@ -417,6 +417,7 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
             entropy_weight=weight,
             active_dim_fraction=active,
             gates=out.gates,
+            **cache_kwargs(cache_of(out)),
         )
 
     @torch.no_grad()

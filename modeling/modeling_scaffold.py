@@ -13,6 +13,13 @@ live in fusers.<layer>.*. The scaffold's tokens are aligned with the base's: sca
 position j, and base position i reads scaffold tokens j <= i only, so the model stays a causal LM even when the
 scaffold reads the whole input. Normally the scaffold reads the prompt, a prefix of the base's input; at
 generation every new token reads the whole prompt, whose scaffold states are computed once and kept.
+
+transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
+cache_utils.DynamicCache, initialization, masking_utils.create_causal_mask, modeling_layers.GradientCheckpointingLayer,
+modeling_outputs.CausalLMOutputWithPast, modeling_utils.{ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep},
+models.gpt2.modeling_gpt2.eager_attention_forward, utils.{TransformersKwargs, cached_file}; GPT2LMHeadModel's
+submodules (transformer.wte/wpe/drop/h/ln_f, GPT2Block called by keyword) and _gradient_checkpointing_func.
+The cache's name differs between releases: hf_compat.CACHE_NAME.
 """
 
 from dataclasses import dataclass, field
@@ -31,6 +38,7 @@ from transformers.utils import TransformersKwargs, cached_file
 
 from ..configuration.configuration_scaffold import ScaffoldConfig
 from .gpt2_inputs import checked_position_ids
+from .hf_compat import cache_kwargs, pick_cache
 from .scaffold_lora import (
     ADAPTER_SUBFOLDER,
     ADAPTER_WEIGHTS,
@@ -105,7 +113,7 @@ class ScaffoldPreTrainedModel(PreTrainedModel):
     # bitsandbytes, so that they train in full precision, also as peft modules_to_save over a 4-bit base.
     _keep_in_fp32_modules = ["fusers"]
     _keep_in_fp32_modules_strict = ["fusers"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     supports_gradient_checkpointing = True  # GPT-2 blocks (base and scaffold) and fusers
 
@@ -227,15 +235,15 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         return out.last_hidden_state
 
     def _scaffold_context(self, input_ids, attention_mask, scaffold_input_ids, scaffold_attention_mask,
-                          scaffold_states, past_key_values, past_length):
-        stored = getattr(past_key_values, "scaffold_context", None)
+                          scaffold_states, cache, past_length):
+        stored = getattr(cache, "scaffold_context", None)
         given = scaffold_states if scaffold_states is not None else scaffold_input_ids
         if scaffold_states is not None and scaffold_input_ids is not None:
             raise ValueError("pass scaffold_input_ids or scaffold_states, not both")
         if stored is not None and past_length > 0:
             if given is not None and given is not stored.source:
                 raise ValueError(
-                    "past_key_values already holds the scaffold states of its prompt; pass new scaffold inputs "
+                    "the cache already holds the scaffold states of its prompt; pass new scaffold inputs "
                     "only with an empty cache"
                 )
             return stored
@@ -257,8 +265,8 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
                 f"{tuple(states.shape[:2])}"
             )
         context = ScaffoldContext(states, mask, source=given)
-        if past_key_values is not None:
-            past_key_values.scaffold_context = context
+        if cache is not None:
+            cache.scaffold_context = context
         return context
 
     @staticmethod
@@ -290,6 +298,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         output_hidden_states=None,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
         """Causal-LM forward of the base GPT-2 with the scaffold fused in.
@@ -297,7 +306,10 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         scaffold_input_ids / scaffold_attention_mask: what the scaffold reads (default: input_ids itself).
         scaffold_states: precomputed scaffold states instead (generate passes them), with scaffold_attention_mask.
         scaffold_weight: in [0, 1], scales every fuser (default 1); 0 skips the scaffold and gives the base exactly.
+        The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before) and is returned under the
+        running release's name.
         """
+        cache = pick_cache(cache, past_key_values)
         unknown = sorted(set(kwargs) - set(TransformersKwargs.__optional_keys__))
         if unknown:
             raise TypeError(f"ScaffoldForCausalLM.forward got unknown argument(s): {', '.join(unknown)}")
@@ -310,11 +322,11 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
             inputs_embeds = gpt2.wte(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         use_cache = use_cache if use_cache is not None else (self.config.base_config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.base_config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.base_config)
         if not use_cache:
-            past_key_values = None
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
         position_ids = checked_position_ids(
             inputs_embeds, past_length, self.config.base_config.n_positions, attention_mask, position_ids
         )
@@ -323,7 +335,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         if weight > 0:
             context = self._scaffold_context(
                 input_ids, attention_mask, scaffold_input_ids, scaffold_attention_mask,
-                scaffold_states, past_key_values, past_length,
+                scaffold_states, cache, past_length,
             )
             if context.states.shape[0] != batch:
                 raise ValueError(f"scaffold batch {context.states.shape[0]} != input batch {batch}")
@@ -333,8 +345,8 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
             config=self.config.base_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **cache_kwargs(cache),
         )
         # GPT2Model.forward, with a fuser after each chosen block.
         hidden_states = gpt2.drop(inputs_embeds + gpt2.wpe(position_ids))
@@ -345,12 +357,13 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
             if gpt2.gradient_checkpointing and self.training:
                 # The base stays in eval mode (no dropout), where GPT2Block does not checkpoint itself: do it here.
                 def run_block(states, block=block):
-                    return block(states, None, causal_mask, None, use_cache=False, position_ids=position_ids)
+                    return block(states, attention_mask=causal_mask, use_cache=False, position_ids=position_ids)
 
                 hidden_states = gpt2._gradient_checkpointing_func(run_block, hidden_states)
             else:
                 hidden_states = block(
-                    hidden_states, past_key_values, causal_mask, None, use_cache=use_cache, position_ids=position_ids
+                    hidden_states, attention_mask=causal_mask, use_cache=use_cache, position_ids=position_ids,
+                    **cache_kwargs(cache),
                 )
             fuser = self.fusers[str(i)] if str(i) in self.fusers else None
             if fuser is not None and context is not None:
@@ -368,8 +381,8 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **cache_kwargs(cache),
         )
 
     # ----- generation -----

