@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from graftlm.bench import peak_memory_mb, timed  # the suite's measuring helpers, shared
+from graftlm.modeling.hf_compat import cache_kwargs, cache_of
 
 logger = logging.getLogger("bench_bsbr")
 
@@ -44,13 +45,14 @@ def decode_time_per_token(model, ids, steps, rounds, device):
     """Prefill `ids`, then a warm-up round and `rounds` timed rounds of `steps` greedy single-token steps through the cache.
     Returns (seconds per token of the best round, cache bytes after the prefill)."""
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache, size = out.past_key_values, cache_bytes(out.past_key_values)
+    cache = cache_of(out)
+    size = cache_bytes(cache)
     token = out.logits[:, -1:].argmax(-1)
 
     def one_round():
         nonlocal out, token
         for _ in range(steps):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **cache_kwargs(cache))
             token = out.logits[:, -1:].argmax(-1)
 
     return timed(one_round, device, rounds) / steps, size

@@ -23,7 +23,13 @@ from packaging.version import Version
 from testing_utils import MATRIX_ARCHS, build_matrix_export, run_without_graftlm
 
 from graftlm.conversion.common import probe_batch
-from graftlm.modeling.hf_compat import SUPPORTED_TRANSFORMERS, TRANSFORMERS_BELOW, TRANSFORMERS_FLOOR
+from graftlm.modeling.hf_compat import (
+    CACHE_NAME,
+    SUPPORTED_TRANSFORMERS,
+    TRANSFORMERS_BELOW,
+    TRANSFORMERS_FLOOR,
+    cache_of,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER_PYTHON = os.environ.get("GRAFTLM_OTHER_PYTHON")
@@ -192,3 +198,25 @@ def test_loading_under_a_release_outside_the_range_warns_once_naming_both(export
     )
     assert len(result) == 1, result
     assert marked in result[0] and f"transformers {transformers.__version__} is installed" in result[0]
+
+
+@pytest.mark.parametrize("arch", MATRIX_ARCHS)
+def test_forward_takes_the_cache_under_either_name_and_returns_it_under_the_running_one(arch, exports):
+    import graftlm  # noqa: F401
+
+    model = getattr(transformers, AUTO_CLASS[arch]).from_pretrained(exports[arch] / "opened" / "export").eval()
+    probe = probe_inputs(arch)
+    step = dict(probe["forward"])
+    key = "decoder_input_ids" if arch == "bridge" else "input_ids"
+    step[key] = torch.tensor([[11], [12]])
+    if arch != "bridge":
+        step["attention_mask"] = torch.cat([probe["forward"]["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+    logits = {}
+    with torch.no_grad():
+        for name in ("cache", "past_key_values"):
+            prefill = model(**probe["forward"], use_cache=True)
+            assert CACHE_NAME in prefill and cache_of(prefill) is not None
+            logits[name] = model(**step, use_cache=True, **{name: cache_of(prefill)}).logits
+        torch.testing.assert_close(logits["cache"], logits["past_key_values"], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="not both"):
+            model(**step, cache=cache_of(prefill), past_key_values=cache_of(prefill))
