@@ -600,7 +600,7 @@ def machine(device):
 def run(args):
     device = args.device
     results = {"machine": machine(device), "settings": {
-        k: v for k, v in vars(args).items() if k not in ("device", "output_dir", "func", "verbose", "command")}}
+        k: v for k, v in vars(args).items() if k not in ("device", "output_dir", "func", "verbose", "debug", "command")}}
     generator = torch.Generator().manual_seed(0)
     n_positions = max(1024, max(args.prompts) + args.new_tokens, max(args.scaling_lengths), args.train_seq)
     with tempfile.TemporaryDirectory(prefix="graftlm-bench-") as work_dir:
