@@ -151,7 +151,8 @@ def build_parser():
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=POSITIVE, help="sampling temperature (with --do-sample)")
     generate.add_argument("--top-k", type=POSITIVE_INT, help="sample from the k most likely tokens (with --do-sample)")
-    generate.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True), help="nucleus sampling mass (with --do-sample)")
+    generate.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True),
+                          help="nucleus sampling mass (with --do-sample)")
     generate.add_argument("--scaffold-weight", type=UNIT_INTERVAL,
                           help="Scaffolded GPT-2 only: scale of the scaffold's influence in [0, 1] (default 1)")
     generate.add_argument("--seed", type=int, default=0)

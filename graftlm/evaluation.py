@@ -114,7 +114,8 @@ def read_pairs(pairs_file=None, sources_file=None, targets_file=None, src_field=
         sources, targets = read_text(sources_file).splitlines(), read_text(targets_file).splitlines()
         if len(sources) != len(targets):
             raise ValueError(f"{sources_file} has {len(sources)} lines but {targets_file} has {len(targets)}")
-        pairs = [(f"line {n} of {sources_file} / {targets_file}", s, t) for n, (s, t) in enumerate(zip(sources, targets), 1)]
+        pairs = [(f"line {n} of {sources_file} / {targets_file}", s, t)
+                 for n, (s, t) in enumerate(zip(sources, targets), 1)]
         fields = ("source", "target")
     for where, *texts in pairs:
         for name, text in zip(fields, texts):

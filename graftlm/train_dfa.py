@@ -35,7 +35,8 @@ def read_text(path, text_field="text"):
 def add_arguments(parser):
     add_text_training_arguments(parser, "GPT2-DFA folder or Hub id (from `graftlm convert dfa`)", learning_rate=1e-4)
     parser.add_argument("--text-field", default="text", help="field holding the text when --text is a .jsonl file")
-    parser.add_argument("--seq-len", type=inputs.bounded(int, 2), default=128, help="training window in tokens (at most n_positions)")
+    parser.add_argument("--seq-len", type=inputs.bounded(int, 2), default=128,
+                        help="training window in tokens (at most n_positions)")
 
 
 def main(args):

@@ -502,7 +502,8 @@ def add_arguments(parser):
     parser.add_argument("--completion-field", default="completion")
     parser.add_argument("--dataset-split", default="train", help="split to read when --data is a datasets name")
     parser.add_argument("--output-dir", required=True, help="folder for the trained, Hub-ready export")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty output folder, and start the checkpoints of an earlier run afresh")
     parser.add_argument("--adapter", choices=["merged", "separate"], default="merged",
                         help="merge LoRA into the scaffold's weights, or keep it apart in scaffold_adapter/")
     parser.add_argument("--checkpoint-dir", help="per-epoch checkpoints (default: <output-dir>-checkpoints)")
@@ -530,6 +531,11 @@ def main(args):
         "checkpoint_dir": args.checkpoint_dir or f"{str(args.output_dir).rstrip('/')}-checkpoints",
     })
     check_output_args(args)  # fail before any training
+    earlier = [] if options.resume_from_checkpoint else checkpoints(options.checkpoint_dir)
+    if earlier and not args.overwrite:
+        raise ValueError(f"checkpoint folder {options.checkpoint_dir} holds an earlier run's checkpoints "
+                         f"({earlier[-1].name}): continue it with --resume-from-checkpoint latest, or pass --overwrite "
+                         "to start again")
     train_pairs = load_pairs(args.data, args.prompt_field, args.completion_field, args.dataset_split)
     if args.valid_data:
         valid_pairs = load_pairs(args.valid_data, args.prompt_field, args.completion_field, args.dataset_split)
@@ -537,6 +543,8 @@ def main(args):
         train_pairs, valid_pairs = split_pairs(train_pairs, options.valid_split, options.seed)
     model = load_scaffold_model(args.model, ScaffoldForCausalLM)
     tokenizer = load_tokenizer(args.model)
+    for old in earlier:  # --overwrite: this run's checkpoints replace the earlier run's
+        shutil.rmtree(old, ignore_errors=True)
     result = train(model, tokenizer, train_pairs, valid_pairs, options)
     if PartialState().is_main_process:
         if args.adapter == "merged":

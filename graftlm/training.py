@@ -46,7 +46,8 @@ def add_text_training_arguments(parser, model_help, max_steps=200, learning_rate
     parser.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
     parser.add_argument("--learning-rate", type=POSITIVE, default=learning_rate)
     parser.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=10)
-    parser.add_argument("--eval-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1, help="share of the text held out for evaluation")
+    parser.add_argument("--eval-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1,
+                        help="share of the text held out for evaluation")
     parser.add_argument("--logging-steps", type=POSITIVE_INT, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")

@@ -24,6 +24,7 @@ from testing_utils import gpt2_tokenizer, minilm_dir, save_tiny_gpt2
 from graftlm.cli import main
 
 PAIRS = [{"prompt": f"Question {i}:", "completion": f" answer {i}."} for i in range(8)]
+ONE_STEP_EPOCHS = ["--batch-size", "8", "--gradient-accumulation-steps", "1", "--samples-per-epoch", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,11 @@ def poisoned_gpt2(w, t, value):
     weights["transformer.h.1.mlp.c_fc.weight"][0, 0] = value
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     return base
+
+
+def poisoned_conversion(w, t, arch, value):
+    argv = ["convert", arch, "--base", poisoned_gpt2(w, t, value), "--output-dir", t / "out"]
+    return argv, [str(t / "base"), "NaN or infinite weights", "transformer.h.1.mlp.c_fc.weight"]
 
 
 def damaged_base(damage):
@@ -222,10 +228,8 @@ CASES = {
     "convert-corrupt-weights": damaged_base(overwrite_bytes),
     "convert-truncated-weights": damaged_base(truncate),
     "convert-empty-weights": damaged_base(lambda path: truncate(path, 0)),
-    "convert-nan-weights": lambda w, t: (["convert", "dfa", "--base", poisoned_gpt2(w, t, float("nan")), "--output-dir",
-                                          t / "out"], [str(t / "base"), "NaN or infinite weights", "transformer.h.1.mlp.c_fc.weight"]),
-    "convert-inf-weights": lambda w, t: (["convert", "bsbr", "--base", poisoned_gpt2(w, t, float("inf")), "--output-dir",
-                                          t / "out"], [str(t / "base"), "NaN or infinite weights", "transformer.h.1.mlp.c_fc.weight"]),
+    "convert-nan-weights": lambda w, t: poisoned_conversion(w, t, "dfa", float("nan")),
+    "convert-inf-weights": lambda w, t: poisoned_conversion(w, t, "bsbr", float("inf")),
     "convert-without-tokenizer": no_tokenizer,
     "convert-vocabulary-smaller-than-tokenizer": small_vocabulary,
     "convert-missing-base": lambda w, t: (["convert", "dfa", "--base", t / "nothing", "--output-dir", t / "out"],
@@ -302,6 +306,10 @@ CASES = {
     "train-scaffold-resume-without-checkpoint": lambda w, t: (
         ["train", "scaffold", w.scaffold, "--data", w.pairs, "--output-dir", t / "out", "--checkpoint-dir", t,
          "--resume-from-checkpoint", "latest"], [str(t), "no checkpoint-epoch-*"]),
+    "train-scaffold-earlier-checkpoints": lambda w, t: (
+        ["train", "scaffold", w.scaffold, "--data", w.pairs, "--output-dir", t / "out", "--checkpoint-dir",
+         copy(w.dfa, t / "checkpoints" / "checkpoint-epoch-3").parent], [str(t / "checkpoints"), "earlier run",
+                                                                         "checkpoint-epoch-3", "--overwrite"]),
     # analyze: the same target rules as every other command, and the model's positions
     "analyze-non-empty-target": non_empty_target("analyze"),
     "analyze-max-length-beyond-positions": lambda w, t: (
@@ -459,7 +467,7 @@ def test_sigkill_during_convert_keeps_the_previous_export_and_a_rerun_succeeds(k
 def test_sigkill_during_a_training_checkpoint_then_resume(world, tmp_path, capsys):
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "out"
     argv = ["train", "scaffold", world.scaffold, "--data", world.pairs, "--output-dir", out, "--epochs", "2",
-            "--batch-size", "2", "--samples-per-epoch", "0", "--checkpoint-dir", checkpoints]
+            *ONE_STEP_EPOCHS, "--checkpoint-dir", checkpoints]
     run_killed("checkpoint", argv, tmp_path)
     assert not out.exists()
     assert [p.name for p in checkpoints.iterdir() if not p.name.startswith(".")] == ["checkpoint-epoch-1"]
@@ -474,7 +482,7 @@ def test_sigkill_during_a_training_checkpoint_then_resume(world, tmp_path, capsy
 def two_checkpoints(world, tmp_path_factory):
     folder = tmp_path_factory.mktemp("scaffold_run")
     assert main(["train", "scaffold", str(world.scaffold), "--data", str(world.pairs), "--output-dir",
-                 str(folder / "out"), "--epochs", "2", "--batch-size", "2", "--samples-per-epoch", "0",
+                 str(folder / "out"), "--epochs", "2", *ONE_STEP_EPOCHS,
                  "--checkpoint-dir", str(folder / "checkpoints")]) == 0
     return folder / "checkpoints"
 
