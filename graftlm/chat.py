@@ -62,8 +62,6 @@ def main(args):
 
     from .train_scaffold import ScaffoldSession, TrainingOptions, load_pairs
 
-    if args.truncate_repeats < 0:
-        raise ValueError(f"--truncate-repeats must be >= 0, got {args.truncate_repeats}")
     train_options = TrainingOptions(epochs=args.epochs, batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                                     samples_per_epoch=0)
     # Data files are read (and checked) before the model is loaded, so a bad file fails at once.

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .inputs import read_jsonl, read_text
+from .inputs import check_model_folder, read_jsonl, read_text
 
 
 @torch.no_grad()
@@ -135,6 +135,7 @@ def evaluate_perplexity(name_or_path, text_file=None, max_length=None, stride=No
 
     import graftlm  # noqa: F401  registers the GraftLM architectures
 
+    check_model_folder(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     common = {"model_id": str(name_or_path), "trust_remote_code": trust_remote_code}
     if config.is_encoder_decoder:

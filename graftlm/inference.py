@@ -25,7 +25,8 @@ def load_model_and_tokenizer(name_or_path, trust_remote_code=False, **kwargs):
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    check_tokenizer(tokenizer, config.get_text_config(decoder=True).vocab_size, f"the tokenizer of {name_or_path}")
+    vocab_size = getattr(config.get_text_config(decoder=True), "vocab_size", None)
+    check_tokenizer(tokenizer, vocab_size, f"the tokenizer of {name_or_path}")
     return model, tokenizer
 
 

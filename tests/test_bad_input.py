@@ -273,6 +273,8 @@ CASES = {
     "eval-stride-0": lambda w, t: (["eval", w.dfa, "--text", w.text, "--stride", "0"], ["--stride", "must be >= 1"]),
     "eval-max-length-beyond-positions": lambda w, t: (["eval", w.dfa, "--text", w.text, "--max-length", "4096"],
                                                       [str(w.dfa), "max_length=4096", "n_positions=128"]),
+    "eval-unknown-dtype": lambda w, t: (["eval", edit_config(copy(w.dfa, t / "dfa"), torch_dtype="float128"), "--text",
+                                         w.text], [str(t / "dfa" / "config.json"), "torch_dtype 'float128'"]),
     "eval-masked-lm": lambda w, t: (["eval", w.bert, "--text", w.text], [str(w.bert), "masked language model"]),
     "eval-pairs-empty-file": eval_pairs("", "is empty"),
     "eval-pairs-blank-lines": eval_pairs("\n  \n", "is empty"),
