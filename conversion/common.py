@@ -4,6 +4,8 @@ import logging
 
 import torch
 
+from ..inputs import check_model_folder, check_tokenizer
+
 logger = logging.getLogger(__name__)
 
 # Buffers that old GPT-2 checkpoints carry and transformers 5 no longer uses (the causal mask is built on the fly).
@@ -18,6 +20,7 @@ def _load_strict(model_class, name_or_path, expected_model_types, what, **kwargs
     """from_pretrained with every missing, unexpected or mismatched key turned into an error that names it."""
     from transformers import AutoConfig
 
+    check_model_folder(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
@@ -39,6 +42,10 @@ def _load_strict(model_class, name_or_path, expected_model_types, what, **kwargs
     if problems:
         details = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in problems.items())
         raise ConversionError(f"{name_or_path!r} does not match {model_class.__name__}: {details}")
+    not_finite = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:
+        raise ConversionError(f"{name_or_path!r} holds NaN or infinite weights in {', '.join(not_finite[:5])}"
+                              f"{f' and {len(not_finite) - 5} more' if len(not_finite) > 5 else ''}")
     return model.eval()
 
 
@@ -108,15 +115,19 @@ def max_logit_delta(model_a, model_b, input_ids, attention_mask, **forward_kwarg
 
 
 def load_tokenizer(name_or_path, required=True):
-    """The tokenizer saved with a checkpoint; an error (or None when not `required`) if there is none."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved with a checkpoint, checked against its config's vocabulary (inputs.check_tokenizer); an
+    error (or None when not `required`) if there is none or it does not fit."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    check_model_folder(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path).get_text_config(decoder=True)
+        return check_tokenizer(tokenizer, getattr(config, "vocab_size", None), "it")
     except (OSError, ValueError, TypeError) as err:
         if required:
-            raise ConversionError(f"no tokenizer could be loaded from {name_or_path!r}: {err}") from err
-        logger.warning("no tokenizer found at %s; the export will carry none", name_or_path)
+            raise ConversionError(f"no usable tokenizer in {name_or_path!r}: {err}") from err
+        logger.warning("no usable tokenizer at %s (%s); the export will carry none", name_or_path, err)
         return None
 
 

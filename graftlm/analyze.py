@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .inputs import read_text
+
 
 def attention_flops_per_token(config, seq_len, layer_shapes=None):
     """Multiply-adds x 2 of one token's attention block at context `seq_len`, summed over layers.
@@ -58,19 +60,27 @@ def collect(model, tokenizer, text, max_length):
     return ids.numel(), entropy_sum / rows, [h / rows for h in head_sum], per_token
 
 
-def analyze(model_dir, text_file, output_dir, max_length=256, top=12):
+def analyze(model_dir, text_file, output_dir, max_length=None, top=12, overwrite=False):
+    """Write analysis.json and the PNG plots into `output_dir` (refused when not empty, unless `overwrite`; written
+    whole or not at all, like an export); returns their paths. Windows of `max_length` tokens, at most the model's
+    n_positions (default: 256, or n_positions if smaller)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .export import check_output_dir, staged_folder
     from .inference import load_model_and_tokenizer
 
+    check_output_dir(output_dir, overwrite, {"model": model_dir, "text": text_file})
+    text = read_text(text_file)
     model, tokenizer = load_model_and_tokenizer(model_dir)
     if model.config.model_type != "gpt2_dfa":
         raise ValueError(f"{model_dir} is a {model.config.model_type!r} model; analyze needs GPT2-DFA (gpt2_dfa)")
-    max_length = min(max_length, model.config.n_positions)
-    text = Path(text_file).read_text(encoding="utf-8")
+    max_length = min(256, model.config.n_positions) if max_length is None else max_length
+    if not 1 <= max_length <= model.config.n_positions:
+        raise ValueError(f"max_length must be in [1, n_positions={model.config.n_positions}] of {model_dir}, "
+                         f"got {max_length}")
     n_tokens, entropy, head_usage, per_token = collect(model, tokenizer, text, max_length)
     config, n_head = model.config, model.config.n_head
 
@@ -114,50 +124,49 @@ def analyze(model_dir, text_file, output_dir, max_length=256, top=12):
         "tokens_with_fewest_heads": fewest,
         "attention_flops_per_token": flops,
     }
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = [output_dir / "analysis.json"]
-    paths[0].write_text(json.dumps(result, indent=2), encoding="utf-8")
+    with staged_folder(output_dir, overwrite) as folder:  # nothing is written unless all of it is
+        paths = ["analysis.json"]
+        (folder / paths[0]).write_text(json.dumps(result, indent=2), encoding="utf-8")
 
-    layers = range(config.n_layer)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].bar(layers, result["gate_entropy_per_layer_normalised"] or [0] * config.n_layer)
-    axes[0].set(xlabel="layer", ylabel="gate entropy / ln(H)", title="Head-usage entropy per layer", ylim=(0, 1.05))
-    usage = torch.full((config.n_layer, n_head), float("nan"))
-    for layer, block in enumerate(model.transformer.h):
-        usage[layer, block.attn.kept_heads] = head_usage[layer]
-    image = axes[1].imshow(usage.numpy(), aspect="auto", cmap="viridis")
-    axes[1].set(xlabel="head", ylabel="layer", title="Mean gate per head (1 = uniform)")
-    fig.colorbar(image, ax=axes[1])
-    paths.append(_save(fig, output_dir / "head_usage.png"))
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, dims, name in ((axes[0], active_qk, "q.k"), (axes[1], active_v, "v")):
-        grid = torch.full((config.n_layer, n_head), float("nan"))
+        layers = range(config.n_layer)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        axes[0].bar(layers, result["gate_entropy_per_layer_normalised"] or [0] * config.n_layer)
+        axes[0].set(xlabel="layer", ylabel="gate entropy / ln(H)", title="Head-usage entropy per layer", ylim=(0, 1.05))
+        usage = torch.full((config.n_layer, n_head), float("nan"))
         for layer, block in enumerate(model.transformer.h):
-            grid[layer, block.attn.kept_heads] = torch.tensor(dims[layer], dtype=torch.float)
-        image = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=config.head_dim)
-        ax.set(xlabel="head", ylabel="layer", title=f"Active {name} dimensions per head (of {config.head_dim})")
-        fig.colorbar(image, ax=ax)
-    paths.append(_save(fig, output_dir / "active_dims.png"))
+            usage[layer, block.attn.kept_heads] = head_usage[layer]
+        image = axes[1].imshow(usage.numpy(), aspect="auto", cmap="viridis")
+        axes[1].set(xlabel="head", ylabel="layer", title="Mean gate per head (1 = uniform)")
+        fig.colorbar(image, ax=axes[1])
+        paths.append(_save(fig, folder / "head_usage.png"))
 
-    fig, ax = plt.subplots(figsize=(8, 0.35 * (len(most) + len(fewest)) + 1.5))
-    entries = fewest + most[::-1]
-    ax.barh(range(len(entries)), [e["effective_heads"] for e in entries],
-            color=["tab:blue"] * len(fewest) + ["tab:orange"] * len(most))
-    ax.set_yticks(range(len(entries)), [repr(e["token"]) for e in entries])
-    ax.set(xlabel="effective number of heads (exp of gate entropy), mean over layers",
-           title="Tokens drawing the fewest (blue) and most (orange) heads")
-    paths.append(_save(fig, output_dir / "token_heads.png"))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, dims, name in ((axes[0], active_qk, "q.k"), (axes[1], active_v, "v")):
+            grid = torch.full((config.n_layer, n_head), float("nan"))
+            for layer, block in enumerate(model.transformer.h):
+                grid[layer, block.attn.kept_heads] = torch.tensor(dims[layer], dtype=torch.float)
+            image = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=config.head_dim)
+            ax.set(xlabel="head", ylabel="layer", title=f"Active {name} dimensions per head (of {config.head_dim})")
+            fig.colorbar(image, ax=ax)
+        paths.append(_save(fig, folder / "active_dims.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("stock_gpt2", "stock GPT-2"), ("dfa_current_shapes", "GPT2-DFA (current shapes)"),
-                       ("dfa_after_pruning_closed_dims", "GPT2-DFA after prune()")):
-        ax.plot(lengths, [flops[str(n)][key] / 1e6 for n in lengths], marker="o", label=label)
-    ax.set(xscale="log", xlabel="context length", ylabel="attention MFLOPs per token", title="Estimated attention FLOPs")
-    ax.legend()
-    paths.append(_save(fig, output_dir / "attention_flops.png"))
-    return paths
+        fig, ax = plt.subplots(figsize=(8, 0.35 * (len(most) + len(fewest)) + 1.5))
+        entries = fewest + most[::-1]
+        ax.barh(range(len(entries)), [e["effective_heads"] for e in entries],
+                color=["tab:blue"] * len(fewest) + ["tab:orange"] * len(most))
+        ax.set_yticks(range(len(entries)), [repr(e["token"]) for e in entries])
+        ax.set(xlabel="effective number of heads (exp of gate entropy), mean over layers",
+               title="Tokens drawing the fewest (blue) and most (orange) heads")
+        paths.append(_save(fig, folder / "token_heads.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, label in (("stock_gpt2", "stock GPT-2"), ("dfa_current_shapes", "GPT2-DFA (current shapes)"),
+                           ("dfa_after_pruning_closed_dims", "GPT2-DFA after prune()")):
+            ax.plot(lengths, [flops[str(n)][key] / 1e6 for n in lengths], marker="o", label=label)
+        ax.set(xscale="log", xlabel="context length", ylabel="attention MFLOPs per token", title="Estimated attention FLOPs")
+        ax.legend()
+        paths.append(_save(fig, folder / "attention_flops.png"))
+    return [Path(output_dir).resolve() / name for name in paths]
 
 
 def _save(fig, path):
@@ -166,4 +175,4 @@ def _save(fig, path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return path
+    return path.name

@@ -118,12 +118,14 @@ def stock_config(shape, n_positions):
 
 
 def save_checkpoints(shape, n_positions, folder, tokenizers=False):
-    """Random stock GPT-2 and BERT checkpoints of one shape (BERT as wide and deep as GPT-2), as Hub folders."""
+    """Random stock GPT-2 and BERT checkpoints of one shape (BERT as wide and deep as GPT-2), as Hub folders; with
+    `tokenizers`, also the real tokenizers, with the vocabularies their ids need."""
     from transformers import BertConfig, BertModel, GPT2LMHeadModel
 
     folder = Path(folder)
     torch.manual_seed(0)
-    GPT2LMHeadModel(stock_config(shape, n_positions)).save_pretrained(folder / "gpt2")
+    gpt2_vocab = 50257 if tokenizers else shape["vocab_size"]  # GPT-2's tokenizer: each of its ids needs an embedding
+    GPT2LMHeadModel(stock_config({**shape, "vocab_size": gpt2_vocab}, n_positions)).save_pretrained(folder / "gpt2")
     bert_vocab = 30522 if tokenizers else shape["vocab_size"]  # the packaged BERT tokenizer's vocabulary
     bert = BertConfig(vocab_size=bert_vocab, hidden_size=shape["n_embd"], num_hidden_layers=shape["n_layer"],
                       num_attention_heads=shape["n_head"], intermediate_size=4 * shape["n_embd"],
@@ -600,7 +602,7 @@ def machine(device):
 def run(args):
     device = args.device
     results = {"machine": machine(device), "settings": {
-        k: v for k, v in vars(args).items() if k not in ("device", "output_dir", "func", "verbose", "command")}}
+        k: v for k, v in vars(args).items() if k not in ("device", "output_dir", "func", "verbose", "debug", "command")}}
     generator = torch.Generator().manual_seed(0)
     n_positions = max(1024, max(args.prompts) + args.new_tokens, max(args.scaling_lengths), args.train_seq)
     with tempfile.TemporaryDirectory(prefix="graftlm-bench-") as work_dir:

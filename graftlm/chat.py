@@ -7,6 +7,8 @@ program drives it through a pipe: no prompt marker is printed unless stdin is a 
 
 import sys
 
+from .inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT_INTERVAL
+
 QUIT = ("quit", "exit")
 
 
@@ -14,16 +16,16 @@ def add_arguments(parser):
     parser.add_argument("model", help="Scaffolded GPT-2 folder")
     parser.add_argument("--train-data", help="prompt/completion file (or datasets name) that the 'train' command uses")
     parser.add_argument("--valid-data", help="validation pairs for 'train' (default: hold out 20%% of --train-data)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per 'train' command")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=3, help="epochs per 'train' command")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=1)
     parser.add_argument("--checkpoint-dir", help="where 'train' writes its per-epoch checkpoints (default: none)")
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--scaffold-weight", type=float, default=1.0, help="scaffold influence in [0, 1]")
-    parser.add_argument("--truncate-repeats", type=int, default=3,
+    parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=60)
+    parser.add_argument("--scaffold-weight", type=UNIT_INTERVAL, default=1.0, help="scaffold influence in [0, 1]")
+    parser.add_argument("--truncate-repeats", type=NON_NEGATIVE_INT, default=3,
                         help="cut an answer before its first repeated n-gram (0: never)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--temperature", type=POSITIVE, default=1.0)
+    parser.add_argument("--top-k", type=POSITIVE_INT, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=main)
 
@@ -60,8 +62,6 @@ def main(args):
 
     from .train_scaffold import ScaffoldSession, TrainingOptions, load_pairs
 
-    if args.truncate_repeats < 0:
-        raise ValueError(f"--truncate-repeats must be >= 0, got {args.truncate_repeats}")
     train_options = TrainingOptions(epochs=args.epochs, batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                                     samples_per_epoch=0)
     # Data files are read (and checked) before the model is loaded, so a bad file fails at once.

@@ -8,7 +8,15 @@ runs the shared export (and upload) for all of them.
 import argparse
 import importlib
 import logging
+import os
 import sys
+import traceback
+from pathlib import Path
+
+from .inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT_INTERVAL, bounded, text_argument
+
+# GRAFTLM_DEBUG=1 does what --debug does: a failing command shows its traceback (for bug reports).
+DEBUG_VARIABLE = "GRAFTLM_DEBUG"
 
 # `graftlm convert <name>`: one converter module per architecture.
 CONVERTERS = {
@@ -32,6 +40,10 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message):
+        """One line naming the flag and what is wrong with it (argparse would print the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _add_export_arguments(parser):
     group = parser.add_argument_group("export")
@@ -48,9 +60,9 @@ def _add_export_arguments(parser):
 
 
 def run_convert(args):
-    from .export import check_output_dir, export_model, push_to_hub
+    from .export import check_output_args, export_model, push_to_hub
 
-    check_output_dir(args.output_dir, args.overwrite)  # fail before converting anything
+    check_output_args(args)  # fail before converting anything
     converter = importlib.import_module(CONVERTERS[args.arch])
     model, tokenizers, card_builder = converter.convert_from_args(args)
     repo_id = args.push_to_hub or str(args.output_dir)
@@ -103,7 +115,7 @@ def run_eval(args):
 def run_analyze(args):
     from .analyze import analyze
 
-    paths = analyze(args.model, args.text, args.output_dir, max_length=args.max_length)
+    paths = analyze(args.model, args.text, args.output_dir, max_length=args.max_length, overwrite=args.overwrite)
     for path in paths:
         print(path)
 
@@ -118,6 +130,8 @@ def run_demo(args):
 def build_parser():
     parser = _Parser(prog="graftlm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of a failing command (for bug reports; or set {DEBUG_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     convert = commands.add_parser("convert", help="convert stock checkpoints into a GraftLM architecture and export")
@@ -131,13 +145,15 @@ def build_parser():
 
     generate = commands.add_parser("generate", help="generate text with a converted or exported model")
     generate.add_argument("model", help="model folder or Hub id")
-    generate.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
-    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--prompt", required=True, action="append", type=text_argument,
+                          help="prompt text, not empty (repeat for a batch)")
+    generate.add_argument("--max-new-tokens", type=POSITIVE_INT, default=40)
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    generate.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample)")
-    generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens (with --do-sample)")
-    generate.add_argument("--top-p", type=float, help="nucleus sampling mass (with --do-sample)")
-    generate.add_argument("--scaffold-weight", type=float,
+    generate.add_argument("--temperature", type=POSITIVE, help="sampling temperature (with --do-sample)")
+    generate.add_argument("--top-k", type=POSITIVE_INT, help="sample from the k most likely tokens (with --do-sample)")
+    generate.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True),
+                          help="nucleus sampling mass (with --do-sample)")
+    generate.add_argument("--scaffold-weight", type=UNIT_INTERVAL,
                           help="Scaffolded GPT-2 only: scale of the scaffold's influence in [0, 1] (default 1)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--trust-remote-code", action="store_true",
@@ -147,8 +163,9 @@ def build_parser():
     evaluate = commands.add_parser("eval", help="perplexity of a causal LM on a text, or of a seq2seq model on pairs")
     evaluate.add_argument("model", help="model folder or Hub id (any causal LM, stock GPT-2 included, or a bridge)")
     evaluate.add_argument("--text", help="UTF-8 text file (causal LMs)")
-    evaluate.add_argument("--max-length", type=int, default=None, help="window length (default: n_positions)")
-    evaluate.add_argument("--stride", type=int, default=None, help="window stride (default: max-length)")
+    evaluate.add_argument("--max-length", type=bounded(int, 2), default=None,
+                          help="window length, at most n_positions (default: n_positions)")
+    evaluate.add_argument("--stride", type=POSITIVE_INT, default=None, help="window stride (default: max-length)")
     evaluate.add_argument("--pairs", help="JSONL file of {\"src\", \"tgt\"} pairs (seq2seq models)")
     evaluate.add_argument("--sources", help="source texts, one per line (seq2seq models, with --targets)")
     evaluate.add_argument("--targets", help="target texts, one per line (seq2seq models, with --sources)")
@@ -159,7 +176,9 @@ def build_parser():
     analyze.add_argument("model", help="GPT2-DFA folder")
     analyze.add_argument("--text", required=True, help="UTF-8 text file to run the model over")
     analyze.add_argument("--output-dir", required=True, help="folder for analysis.json and the PNG plots")
-    analyze.add_argument("--max-length", type=int, default=256, help="tokens per window")
+    analyze.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    analyze.add_argument("--max-length", type=POSITIVE_INT,
+                         help="tokens per window, at most n_positions (default: 256, or n_positions if smaller)")
     analyze.set_defaults(func=run_analyze)
 
     demo = commands.add_parser("demo", help="offline end-to-end demo: build GPT-2, convert, export, reload, generate")
@@ -170,7 +189,7 @@ def build_parser():
     demo.add_argument("--arch", action="append", choices=list(CONVERTERS),
                       help="architecture to demo (repeatable; default: all)")
     demo.add_argument("--output-dir", default="demo_output", help="where the demo writes its checkpoints")
-    demo.add_argument("--train-steps", type=int, default=300, help="steps of the local GPT-2's short training")
+    demo.add_argument("--train-steps", type=NON_NEGATIVE_INT, default=300, help="steps of the local GPT-2's short training")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
 
@@ -192,18 +211,34 @@ def build_parser():
 
 
 def main(argv=None):
-    from huggingface_hub.errors import StrictDataclassError  # invalid config values (transformers 5 configs)
-
+    """Run one command. Bad input and failures end in one line on stderr and exit code 2 (1 for an unexpected error,
+    130 when interrupted), with no traceback unless --debug or GRAFTLM_DEBUG=1."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, TypeError, OSError, RuntimeError, StrictDataclassError) as err:
-        if args.verbose:
+    except (Exception, KeyboardInterrupt) as err:
+        if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
-        print(f"graftlm: error: {err}", file=sys.stderr)
-        return 2
+        message, code = _failure(err)
+        print(f"graftlm: {message}", file=sys.stderr)
+        return code
     return 0
+
+
+def _failure(err):
+    """(one-line message, exit code) of a failed command: 2 for bad input and failed reads or writes (the errors the
+    checks raise, invalid config values), 130 when interrupted, 1 for anything else, which is a bug."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", 130
+    text = " ".join(str(err).split())
+    if isinstance(err, (ValueError, TypeError, OSError, RuntimeError, StrictDataclassError)):
+        return f"error: {text}", 2
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    return (f"internal error: {type(err).__name__}: {text} (at {Path(where.filename).name}:{where.lineno}; rerun with "
+            f"--debug or {DEBUG_VARIABLE}=1 for the traceback)"), 1
 
 
 if __name__ == "__main__":

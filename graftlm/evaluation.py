@@ -7,13 +7,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .inputs import check_model_folder, read_jsonl, read_text
+
 
 @torch.no_grad()
 def perplexity(model, input_ids, max_length, stride=None, progress=False):
     """exp(mean NLL) of `input_ids` (1-D LongTensor) under `model`, scored in windows of `max_length`."""
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    stride = stride or max_length
+    stride = max_length if stride is None else stride
     if not 1 <= stride <= max_length:
         raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
     if input_ids.numel() < 2:
@@ -44,10 +46,12 @@ def causal_perplexity(name_or_path, texts, max_length=None, stride=None, trust_r
     model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if model.config.is_encoder_decoder:
         raise ValueError(f"{name_or_path} is an encoder-decoder model: score it with sources and targets")
+    if not texts:
+        raise ValueError("no texts to score")
     n_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
-    max_length = max_length or n_positions
+    max_length = n_positions if max_length is None else max_length
     if max_length > n_positions:
-        raise ValueError(f"max_length={max_length} is longer than the model's n_positions={n_positions}")
+        raise ValueError(f"max_length={max_length} is longer than the n_positions={n_positions} of {name_or_path}")
     perplexities, total_nll, total_tokens = [], 0.0, 0
     for text in tqdm(texts, desc="texts", disable=len(texts) < 2):
         ppl, tokens = perplexity(model, tokenizer(text, return_tensors="pt").input_ids[0], max_length, stride,
@@ -55,7 +59,7 @@ def causal_perplexity(name_or_path, texts, max_length=None, stride=None, trust_r
         perplexities.append(ppl)
         total_nll, total_tokens = total_nll + math.log(ppl) * tokens, total_tokens + tokens
     return {"perplexity": math.exp(total_nll / total_tokens), "perplexities": perplexities,
-            "tokens_scored": total_tokens, "max_length": max_length, "stride": stride or max_length}
+            "tokens_scored": total_tokens, "max_length": max_length, "stride": max_length if stride is None else stride}
 
 
 @torch.no_grad()
@@ -66,6 +70,8 @@ def seq2seq_perplexity(name_or_path, sources, targets, trust_remote_code=False):
 
     if len(sources) != len(targets):
         raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+    if not sources:
+        raise ValueError("no source/target pairs to score")
     model, target_tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if not model.config.is_encoder_decoder:
         raise ValueError(f"{name_or_path} is not an encoder-decoder model: score it with texts")
@@ -93,24 +99,29 @@ def metric_path(name):
 
 
 def read_pairs(pairs_file=None, sources_file=None, targets_file=None, src_field="src", tgt_field="tgt"):
-    """(sources, targets) from a JSONL file with src/tgt fields, or from two files with one text per line."""
-    import json
-
+    """(sources, targets) from a JSONL file with src/tgt fields, or from two files with one text per line. A file
+    without pairs, a line that is not JSON, and a missing, empty or non-text source or target are errors naming the
+    file and the record."""
     if (pairs_file is None) == (sources_file is None and targets_file is None):
         raise ValueError("give either a JSONL pairs file or both a sources and a targets file")
     if pairs_file is not None:
-        records = [json.loads(line) for line in Path(pairs_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-        for i, record in enumerate(records, 1):
-            if not isinstance(record, dict) or not {src_field, tgt_field} <= set(record):
-                raise ValueError(f"{pairs_file}: record {i} has no {src_field!r} and {tgt_field!r} fields")
-        return [r[src_field] for r in records], [r[tgt_field] for r in records]
-    if sources_file is None or targets_file is None:
-        raise ValueError("--sources and --targets go together")
-    sources = Path(sources_file).read_text(encoding="utf-8").splitlines()
-    targets = Path(targets_file).read_text(encoding="utf-8").splitlines()
-    if len(sources) != len(targets):
-        raise ValueError(f"{sources_file} has {len(sources)} lines but {targets_file} has {len(targets)}")
-    return sources, targets
+        records = [(number, r if isinstance(r, dict) else {}) for number, r in read_jsonl(pairs_file)]
+        pairs = [(f"{pairs_file}, line {n}", r.get(src_field), r.get(tgt_field)) for n, r in records]
+        fields = (repr(src_field), repr(tgt_field))
+    else:
+        if sources_file is None or targets_file is None:
+            raise ValueError("--sources and --targets go together")
+        sources, targets = read_text(sources_file).splitlines(), read_text(targets_file).splitlines()
+        if len(sources) != len(targets):
+            raise ValueError(f"{sources_file} has {len(sources)} lines but {targets_file} has {len(targets)}")
+        pairs = [(f"line {n} of {sources_file} / {targets_file}", s, t)
+                 for n, (s, t) in enumerate(zip(sources, targets), 1)]
+        fields = ("source", "target")
+    for where, *texts in pairs:
+        for name, text in zip(fields, texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{where}: the {name} is missing, empty or not text ({text!r})")
+    return [s for _, s, _ in pairs], [t for _, _, t in pairs]
 
 
 def evaluate_perplexity(name_or_path, text_file=None, max_length=None, stride=None, trust_remote_code=False,
@@ -124,6 +135,7 @@ def evaluate_perplexity(name_or_path, text_file=None, max_length=None, stride=No
 
     import graftlm  # noqa: F401  registers the GraftLM architectures
 
+    check_model_folder(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     common = {"model_id": str(name_or_path), "trust_remote_code": trust_remote_code}
     if config.is_encoder_decoder:
@@ -135,7 +147,7 @@ def evaluate_perplexity(name_or_path, text_file=None, max_length=None, stride=No
         return {"model": str(name_or_path), "pairs": len(sources), **result}
     if text_file is None or pairs_file or sources_file or targets_file:
         raise ValueError("a causal LM is scored on --text (not --pairs/--sources/--targets)")
-    text = Path(text_file).read_text(encoding="utf-8")
+    text = read_text(text_file)
     result = evaluate.load(metric_path("perplexity")).compute(predictions=[text], max_length=max_length,
                                                                 stride=stride, **common)
     return {"model": str(name_or_path), "text": str(text_file), **result}

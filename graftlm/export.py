@@ -3,10 +3,14 @@
 The folder holds config.json (with an `auto_map`), the configuration and modeling sources flattened to
 single-level relative imports (transformers' dynamic-module loader accepts nothing deeper),
 model.safetensors, generation_config.json, the tokenizer(s) and a model card. It is written into a
-temporary folder beside the target and renamed into place at the end, so the target never holds a
-half-written model.
+hidden staging folder beside the target, synced to disk, and swapped into place in one atomic rename
+(staged_folder, which the analysis and training checkpoints use too), so the target never holds a
+half-written model and a failed or killed write leaves the previous folder as it was.
 """
 
+import contextlib
+import ctypes
+import errno
 import importlib
 import inspect
 import logging
@@ -19,6 +23,7 @@ from pathlib import Path
 from string import Template
 
 from . import registry
+from .inputs import check_tokenizer
 from .modeling.hf_compat import SUPPORTED_TRANSFORMERS
 
 logger = logging.getLogger(__name__)
@@ -32,13 +37,81 @@ class ExportError(RuntimeError):
     pass
 
 
-def check_output_dir(output_dir, overwrite=False):
-    """Refuse a non-empty output folder unless `overwrite`; call this before any expensive work."""
-    output_dir = Path(output_dir)
+def check_output_dir(output_dir, overwrite=False, inputs=None):
+    """Refuse a non-empty output folder unless `overwrite`, and an output folder that is or holds one of `inputs`
+    ({name: path}: replacing it would delete the input); call this before any expensive work."""
+    output_dir = Path(output_dir).resolve()
+    for name, path in (inputs or {}).items():
+        path = Path(path).resolve()
+        if path == output_dir or output_dir in path.parents:
+            raise ExportError(f"output folder {output_dir} holds the input {name} ({path}): writing there would "
+                              "replace the input; choose another output folder")
     if output_dir.exists() and not output_dir.is_dir():
         raise ExportError(f"output path {output_dir} exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ExportError(f"output folder {output_dir} is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
+def check_output_args(args):
+    """check_output_dir for a command's --output-dir and --overwrite, against every other argument naming a local
+    file or folder (the model, base checkpoints, data): no command may write over what it reads."""
+    inputs = {name: value for name, value in vars(args).items()
+              if name != "output_dir" and isinstance(value, str) and value and os.path.exists(value)}
+    check_output_dir(args.output_dir, args.overwrite, inputs)
+
+
+@contextlib.contextmanager
+def staged_folder(output_dir, overwrite=False):
+    """Yield an empty hidden folder beside `output_dir` to write into. On success it is synced and replaces
+    `output_dir` in one atomic swap; on any failure (full disk included) it is removed and `output_dir` is left as
+    it was, and a write error becomes an ExportError saying so."""
+    from safetensors import SafetensorError
+
+    output_dir = Path(output_dir).resolve()
+    check_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output_dir)
+    existed = output_dir.exists()
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
+    try:
+        yield staging
+        _sync_tree(staging)
+        _replace_dir(staging, output_dir)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = f"the previous {output_dir} is unchanged" if existed else f"nothing was written to {output_dir}"
+        raise ExportError(f"writing {output_dir} failed ({err}); {kept}") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _remove_stale_staging(output_dir):
+    """Remove the staging folders that killed writers (whose process is gone) left beside `output_dir`."""
+    for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*-*"):
+        pid = stale.name[len(output_dir.name) + len(".partial-") + 1 :].split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _sync_tree(folder):
+    """fsync every file and folder under `folder`, so the swap never publishes data still in the page cache only."""
+    for path in [*Path(folder).rglob("*"), Path(folder)]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _flatten_source(path):
@@ -138,20 +211,23 @@ def _requirements():
     )
 
 
-def export_model(model, output_dir, *, tokenizers=None, card=None, overwrite=False):
+def export_model(model, output_dir, *, tokenizers=None, card=None, overwrite=False, files=None):
     """Write a Hub-ready folder for any GraftLM model.
 
     tokenizers: {subfolder: tokenizer}; "" is the root, where AutoTokenizer.from_pretrained(folder) finds it.
     card: (template name, YAML metadata dict, body fields dict), rendered into README.md.
+    files: {file name: text} written beside the model (e.g. training metrics).
     """
     output_dir = Path(output_dir).resolve()
-    check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if (tokenizers or {}).get("") is not None:
+        check_tokenizer(tokenizers[""], model.config.get_text_config(decoder=True).vocab_size, "the tokenizer")
     auto_map, classes = auto_map_for(model)
     sources = collect_sources(*[inspect.getmodule(cls) for cls in classes], *custom_pipeline_modules(model.config))
+    texts = {**sources, **(files or {})}
+    if card is not None:
+        texts["README.md"] = render_card(*card)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
+    with staged_folder(output_dir, overwrite) as staging:
         # Saved with the export only: the Auto classes, and the transformers range the exported code supports.
         extra = {"auto_map": auto_map, "graftlm_supported_transformers": SUPPORTED_TRANSFORMERS}
         previous = {key: getattr(model.config, key, None) for key in extra}
@@ -162,34 +238,46 @@ def export_model(model, output_dir, *, tokenizers=None, card=None, overwrite=Fal
         finally:
             for key, value in previous.items():
                 setattr(model.config, key, value)
-        for name, text in sources.items():
-            (staging / name).write_text(text, encoding="utf-8")
         for subfolder, tokenizer in (tokenizers or {}).items():
             tokenizer.save_pretrained(staging / subfolder)
-        if card is not None:
-            (staging / "README.md").write_text(render_card(*card), encoding="utf-8")
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        for name, text in texts.items():
+            (staging / name).write_text(text, encoding="utf-8")
     logger.info("exported %s to %s", type(model).__name__, output_dir)
     return output_dir
 
 
 def _replace_dir(staging, output_dir):
-    """Move `staging` to `output_dir`; an old folder is moved aside first and removed only once the new one is in place."""
-    backup = None
-    if output_dir.exists():
-        backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, backup)
+    """Move `staging` to `output_dir`. An old folder is swapped with it in one atomic rename where the system can
+    (Linux renameat2 RENAME_EXCHANGE), else moved aside first; either way it is removed only once the new one is in
+    place."""
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    if _exchange(staging, output_dir):
+        shutil.rmtree(staging, ignore_errors=True)  # it now holds the old folder
+        return
+    backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+    os.replace(output_dir, backup)
     try:
         os.replace(staging, output_dir)
     except BaseException:
-        if backup is not None:
-            os.replace(backup, output_dir)
+        os.replace(backup, output_dir)
         raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _exchange(a, b):
+    """Swap two paths atomically; False where the C library or the file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def push_to_hub(folder, repo_id, *, private=False, token=None, commit_message=None):

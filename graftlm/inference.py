@@ -2,17 +2,31 @@
 
 import torch
 
+from .inputs import check_model_folder, check_tokenizer
+
 
 def load_model_and_tokenizer(name_or_path, trust_remote_code=False, **kwargs):
-    """The model behind `name_or_path` (causal or seq2seq, from its config) in eval mode, and its tokenizer."""
+    """The model behind `name_or_path` (causal or seq2seq, from its config) in eval mode, and its tokenizer.
+
+    Refuses, naming the folder: damaged weights or config (inputs.check_model_folder), a masked LM such as BERT
+    (transformers would give it an untrained causal head), and a tokenizer that is missing or larger than the
+    model's vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     import graftlm  # noqa: F401  registers the GraftLM architectures with the Auto classes
 
+    check_model_folder(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    masked = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if masked and not config.is_encoder_decoder:
+        raise ValueError(f"{name_or_path} is a masked language model ({config.model_type!r}), not a causal LM: it "
+                         "neither generates text nor has a perplexity")
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    vocab_size = getattr(config.get_text_config(decoder=True), "vocab_size", None)
+    check_tokenizer(tokenizer, vocab_size, f"the tokenizer of {name_or_path}")
     return model, tokenizer
 
 

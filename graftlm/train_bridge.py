@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .modeling.pipeline_bridge import ENCODER_TOKENIZER_SUBFOLDER
 from .training import add_trainer_options, export_trained, loss_history, trainer_arguments
 
@@ -34,6 +35,9 @@ def load_pairs(source, src_column="src", tgt_column="tgt", split="train", datase
     if suffix in (".jsonl", ".json", ".csv"):
         if not path.is_file():
             raise ValueError(f"data file {source} does not exist")
+        with path.open(encoding="utf-8") as lines:
+            if not any(line.strip() for line in lines):
+                raise ValueError(f"data file {source} is empty: it holds no pairs")
         data = datasets.load_dataset("csv" if suffix == ".csv" else "json", data_files=str(path), split="train")
     else:
         data = datasets.load_dataset(source, dataset_config, split=split)
@@ -43,6 +47,8 @@ def load_pairs(source, src_column="src", tgt_column="tgt", split="train", datase
             f"{source} has no column(s) {', '.join(repr(c) for c in missing)}; its columns are {data.column_names} "
             "(choose others with --src-column/--tgt-column)"
         )
+    if len(data) == 0:
+        raise ValueError(f"{source} holds no pairs")
     return data.select_columns([src_column, tgt_column]).rename_columns({src_column: "src", tgt_column: "tgt"})
 
 
@@ -94,17 +100,13 @@ class BridgeCollator:
 
 def load_bridge(name_or_path, trust_remote_code=False):
     """(model, source tokenizer, target tokenizer) from a converted or trained bridge folder or Hub id."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from .inference import load_encoder_tokenizer, load_model_and_tokenizer
 
-    import graftlm  # noqa: F401  registers the GraftLM architectures
-
-    model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                                  dtype=torch.float32)
+    model, target_tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code, dtype=torch.float32)
     if model.config.model_type != "bert_gpt2_bridge":
         raise ValueError(f"{name_or_path} is a {model.config.model_type!r} model; `graftlm train bridge` needs a "
                          "bridged BERT -> GPT-2 one")
-    source_tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=ENCODER_TOKENIZER_SUBFOLDER)
-    target_tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    source_tokenizer = load_encoder_tokenizer(name_or_path, model, target_tokenizer)
     if target_tokenizer.pad_token is None:
         target_tokenizer.pad_token = target_tokenizer.eos_token
     return model, source_tokenizer, target_tokenizer
@@ -122,14 +124,14 @@ def add_arguments(parser):
     parser.add_argument("--tgt-column", default="tgt")
     parser.add_argument("--output-dir", required=True, help="folder for the trained, exported model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--max-source-length", type=int, default=128)
-    parser.add_argument("--max-target-length", type=int, default=128)
-    parser.add_argument("--max-steps", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per device and step")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
-    parser.add_argument("--warmup-steps", type=int, default=20)
-    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--max-source-length", type=POSITIVE_INT, default=128)
+    parser.add_argument("--max-target-length", type=POSITIVE_INT, default=128)
+    parser.add_argument("--max-steps", type=POSITIVE_INT, default=500)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="pairs per device and step")
+    parser.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
+    parser.add_argument("--learning-rate", type=POSITIVE, default=5e-5)
+    parser.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=20)
+    parser.add_argument("--logging-steps", type=POSITIVE_INT, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")
     add_trainer_options(parser)
@@ -138,9 +140,9 @@ def add_arguments(parser):
 def main(args):
     from transformers import Trainer
 
-    from .export import check_output_dir
+    from .export import check_output_args
 
-    check_output_dir(args.output_dir, args.overwrite)
+    check_output_args(args)
     model, source_tokenizer, target_tokenizer = load_bridge(args.model, args.trust_remote_code)
     lengths = dict(max_source_length=args.max_source_length, max_target_length=args.max_target_length)
     columns = dict(src_column=args.src_column, tgt_column=args.tgt_column, dataset_config=args.dataset_config)

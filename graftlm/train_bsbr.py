@@ -11,10 +11,10 @@ import logging
 import math
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
+from .inputs import POSITIVE, bounded, read_text
 from .training import add_text_training_arguments, loss_history, export_trained, split_blocks, trainer_arguments
 
 logger = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ def make_optimizer(model, learning_rate, gate_learning_rate, weight_decay=0.01):
 
 def add_arguments(parser):
     add_text_training_arguments(parser, "GPT2-BSBR folder or Hub id (from `graftlm convert bsbr`)")
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--seq-len", type=bounded(int, 2), default=None,
                         help="training window in tokens (default: 4 * chunk_size, at most n_positions)")
-    parser.add_argument("--gate-learning-rate", type=float, default=1e-2,
+    parser.add_argument("--gate-learning-rate", type=POSITIVE, default=1e-2,
                         help="learning rate of the per-head retrieval gates (no weight decay), which start at 0")
     parser.add_argument("--trainable", choices=["all", "retrieval"], default="all",
                         help="train every weight, or only the retrieval modules BSBR adds")
@@ -63,10 +63,10 @@ def add_arguments(parser):
 def main(args):
     from transformers import Trainer
 
-    from .export import check_output_dir
+    from .export import check_output_args
     from .inference import load_model_and_tokenizer
 
-    check_output_dir(args.output_dir, args.overwrite)
+    check_output_args(args)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     if model.config.model_type != "gpt2_bsbr":
         raise ValueError(f"{args.model} is a {model.config.model_type!r} model; `graftlm train bsbr` needs a GPT2-BSBR one")
@@ -77,7 +77,7 @@ def main(args):
     if seq_len <= config.chunk_size:
         logger.warning("seq_len %d is no longer than chunk_size %d: the retrieval term gets no training signal",
                        seq_len, config.chunk_size)
-    ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ids = tokenizer(read_text(args.text), return_tensors="pt").input_ids[0]
     train_set, eval_set = split_blocks(ids, seq_len, args.eval_fraction)
     trainable = set_trainable(model, args.trainable)
     logger.info("healing %s: %d trainable parameters, %d training windows of %d tokens", args.model, trainable,

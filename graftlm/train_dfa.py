@@ -7,7 +7,6 @@ exported like a converted model (remote code, tokenizer, Hub-ready), with traini
 """
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import inputs
 from .training import add_text_training_arguments, loss_history, export_trained, split_blocks, trainer_arguments
 
 logger = logging.getLogger(__name__)
@@ -22,16 +22,10 @@ logger = logging.getLogger(__name__)
 
 def read_text(path, text_field="text"):
     """The training text: a UTF-8 file, or the `text_field` of every record of a .jsonl file joined by newlines."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"text file {path} does not exist")
-    if path.suffix.lower() != ".jsonl":
-        return path.read_text(encoding="utf-8")
+    if Path(path).suffix.lower() != ".jsonl":
+        return inputs.read_text(path)
     texts = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for line_number, record in inputs.read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise ValueError(f"{path}:{line_number}: expected an object with a string field {text_field!r}")
         texts.append(record[text_field])
@@ -41,16 +35,17 @@ def read_text(path, text_field="text"):
 def add_arguments(parser):
     add_text_training_arguments(parser, "GPT2-DFA folder or Hub id (from `graftlm convert dfa`)", learning_rate=1e-4)
     parser.add_argument("--text-field", default="text", help="field holding the text when --text is a .jsonl file")
-    parser.add_argument("--seq-len", type=int, default=128, help="training window in tokens (at most n_positions)")
+    parser.add_argument("--seq-len", type=inputs.bounded(int, 2), default=128,
+                        help="training window in tokens (at most n_positions)")
 
 
 def main(args):
     from transformers import Trainer
 
-    from .export import check_output_dir
+    from .export import check_output_args
     from .inference import load_model_and_tokenizer
 
-    check_output_dir(args.output_dir, args.overwrite)
+    check_output_args(args)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     if model.config.model_type != "gpt2_dfa":
         raise ValueError(f"{args.model} is a {model.config.model_type!r} model; `graftlm train dfa` needs a GPT2-DFA one")

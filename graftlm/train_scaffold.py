@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+from .inputs import read_jsonl
+
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -123,14 +125,7 @@ def _read_file(path):
         return records
     if path.suffix != ".jsonl":
         raise ValueError(f"{path}: expected a {', '.join(DATA_SUFFIXES)} file")
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from None
-    return records
+    return [record for _, record in read_jsonl(path)] if text.strip() else []
 
 
 def _load_dataset(name, split):
@@ -270,35 +265,65 @@ def _load_trainable_state(model, state):
             param.copy_(state[name])
 
 
+KEPT_CHECKPOINTS = 2  # the newest, and the one before it to resume from if the newest is damaged
+
+
 def _save_checkpoint(folder, model, optimizer, scheduler, best_state, trainer_state):
-    """Write one epoch's checkpoint atomically (into a temporary folder renamed into place)."""
+    """Write one epoch's checkpoint atomically (staged_folder); keep only the newest KEPT_CHECKPOINTS."""
     import torch
     from safetensors.torch import save_file
 
+    from .export import staged_folder
+
     folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file(_trainable_state(model), staging / "trainable.safetensors")
-    if best_state is not None:
-        save_file(best_state, staging / "best_trainable.safetensors")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(rng, staging / "rng.pt")  # dropout masks continue as in an uninterrupted run
-    (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    for old in folder.parent.glob("checkpoint-epoch-*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
+    with staged_folder(folder, overwrite=True) as staging:
+        save_file(_trainable_state(model), staging / "trainable.safetensors")
+        if best_state is not None:
+            save_file(best_state, staging / "best_trainable.safetensors")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save(rng, staging / "rng.pt")  # dropout masks continue as in an uninterrupted run
+        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+    for old in checkpoints(folder.parent)[:-KEPT_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoints(checkpoint_dir):
+    """The checkpoint-epoch-N folders of `checkpoint_dir`, oldest first."""
+    found = [p for p in Path(checkpoint_dir).glob("checkpoint-epoch-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
 
 
 def latest_checkpoint(checkpoint_dir):
-    found = sorted(Path(checkpoint_dir).glob("checkpoint-epoch-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    found = checkpoints(checkpoint_dir)
     if not found:
         raise ValueError(f"no checkpoint-epoch-* folder in {checkpoint_dir} to resume from")
     return found[-1]
+
+
+def load_checkpoint(folder):
+    """What a checkpoint folder holds: trainer state, trainable (and best) weights, optimizer, scheduler and RNG
+    states. A missing or damaged file is a ValueError naming the folder and the previous checkpoint, if one is left."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        best = folder / "best_trainable.safetensors"
+        return {
+            "state": json.loads((folder / "trainer_state.json").read_text(encoding="utf-8")),
+            "trainable": load_file(folder / "trainable.safetensors"),
+            "best": load_file(best) if best.is_file() else None,
+            **{name: torch.load(folder / f"{name}.pt", weights_only=True) for name in ("optimizer", "scheduler", "rng")},
+        }
+    except Exception as err:  # missing, truncated or garbled (JSON, safetensors, torch): the same answer for each
+        found = checkpoints(folder.parent)
+        names = [p.name for p in found]
+        earlier = found[: names.index(folder.name)] if folder.name in names else []
+        offer = (f"resume from the previous one with --resume-from-checkpoint {earlier[-1]}" if earlier
+                 else "no earlier checkpoint is left to resume from")
+        raise ValueError(f"checkpoint {folder} is damaged or incomplete ({type(err).__name__}: {err}); {offer}") from None
 
 
 def train(model, tokenizer, train_pairs, valid_pairs, options):
@@ -309,7 +334,6 @@ def train(model, tokenizer, train_pairs, valid_pairs, options):
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
-    from safetensors.torch import load_file
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -348,18 +372,17 @@ def train(model, tokenizer, train_pairs, valid_pairs, options):
     if options.resume_from_checkpoint:
         folder = options.resume_from_checkpoint
         folder = latest_checkpoint(options.checkpoint_dir) if folder == "latest" else Path(folder)
-        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-        _load_trainable_state(unwrapped, load_file(folder / "trainable.safetensors"))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        if (folder / "best_trainable.safetensors").is_file():
-            best_state = load_file(folder / "best_trainable.safetensors")
+        checkpoint = load_checkpoint(folder)
+        state = checkpoint["state"]
+        _load_trainable_state(unwrapped, checkpoint["trainable"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        best_state = checkpoint["best"]
         start_epoch, best_loss, bad_epochs = state["epoch"], state["best_valid_loss"], state["bad_epochs"]
         history, initial_loss = state["history"], state["initial_valid_loss"]
-        rng = torch.load(folder / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         logger.info("resumed from %s after epoch %d", folder, start_epoch)
     if initial_loss is None:
         initial_loss = _validation_loss(model, valid_loader, accelerator)
@@ -479,7 +502,8 @@ def add_arguments(parser):
     parser.add_argument("--completion-field", default="completion")
     parser.add_argument("--dataset-split", default="train", help="split to read when --data is a datasets name")
     parser.add_argument("--output-dir", required=True, help="folder for the trained, Hub-ready export")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty output folder, and start the checkpoints of an earlier run afresh")
     parser.add_argument("--adapter", choices=["merged", "separate"], default="merged",
                         help="merge LoRA into the scaffold's weights, or keep it apart in scaffold_adapter/")
     parser.add_argument("--checkpoint-dir", help="per-epoch checkpoints (default: <output-dir>-checkpoints)")
@@ -498,7 +522,7 @@ def main(args):
     from accelerate import PartialState
 
     from .conversion.common import load_tokenizer
-    from .export import check_output_dir, export_model
+    from .export import check_output_args, export_model
     from .modeling.modeling_scaffold import ScaffoldForCausalLM
 
     option_names = set(TrainingOptions.__dataclass_fields__)
@@ -506,7 +530,12 @@ def main(args):
         **{k: v for k, v in vars(args).items() if k in option_names},
         "checkpoint_dir": args.checkpoint_dir or f"{str(args.output_dir).rstrip('/')}-checkpoints",
     })
-    check_output_dir(args.output_dir, args.overwrite)  # fail before any training
+    check_output_args(args)  # fail before any training
+    earlier = [] if options.resume_from_checkpoint else checkpoints(options.checkpoint_dir)
+    if earlier and not args.overwrite:
+        raise ValueError(f"checkpoint folder {options.checkpoint_dir} holds an earlier run's checkpoints "
+                         f"({earlier[-1].name}): continue it with --resume-from-checkpoint latest, or pass --overwrite "
+                         "to start again")
     train_pairs = load_pairs(args.data, args.prompt_field, args.completion_field, args.dataset_split)
     if args.valid_data:
         valid_pairs = load_pairs(args.valid_data, args.prompt_field, args.completion_field, args.dataset_split)
@@ -514,6 +543,8 @@ def main(args):
         train_pairs, valid_pairs = split_pairs(train_pairs, options.valid_split, options.seed)
     model = load_scaffold_model(args.model, ScaffoldForCausalLM)
     tokenizer = load_tokenizer(args.model)
+    for old in earlier:  # --overwrite: this run's checkpoints replace the earlier run's
+        shutil.rmtree(old, ignore_errors=True)
     result = train(model, tokenizer, train_pairs, valid_pairs, options)
     if PartialState().is_main_process:
         if args.adapter == "merged":
@@ -531,6 +562,9 @@ def load_scaffold_model(path, model_class):
 
     import graftlm  # noqa: F401  registers gpt2_scaffold with AutoConfig
 
+    from .inputs import check_model_folder
+
+    check_model_folder(path)
     config = AutoConfig.from_pretrained(path)
     if config.model_type != model_class.config_class.model_type:
         raise ValueError(

@@ -5,6 +5,8 @@ import json
 
 import torch
 
+from .inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
+
 
 class TokenBlocks(torch.utils.data.Dataset):
     """Consecutive, non-overlapping windows of `seq_len` tokens; labels are the inputs (the model shifts them)."""
@@ -39,13 +41,14 @@ def add_text_training_arguments(parser, model_help, max_steps=200, learning_rate
     parser.add_argument("--text", required=True, help="UTF-8 training text file")
     parser.add_argument("--output-dir", required=True, help="folder for the trained, exported model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--max-steps", type=int, default=max_steps)
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per device and step")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=learning_rate)
-    parser.add_argument("--warmup-steps", type=int, default=10)
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of the text held out for evaluation")
-    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--max-steps", type=POSITIVE_INT, default=max_steps)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="windows per device and step")
+    parser.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
+    parser.add_argument("--learning-rate", type=POSITIVE, default=learning_rate)
+    parser.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=10)
+    parser.add_argument("--eval-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1,
+                        help="share of the text held out for evaluation")
+    parser.add_argument("--logging-steps", type=POSITIVE_INT, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")
     add_trainer_options(parser)
@@ -96,8 +99,8 @@ def export_trained(trainer, model, args, tokenizers, metrics, metrics_name="trai
     if not trainer.is_world_process_zero():
         return None
     model.eval()
-    folder = export_model(model, args.output_dir, tokenizers=tokenizers, overwrite=args.overwrite)
-    (folder / metrics_name).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    folder = export_model(model, args.output_dir, tokenizers=tokenizers, overwrite=args.overwrite,
+                          files={metrics_name: json.dumps(metrics, indent=2)})
     print(json.dumps(metrics, indent=2))
     print(f"exported to {folder}")
     return folder

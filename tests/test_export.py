@@ -103,7 +103,7 @@ def test_interrupted_overwrite_keeps_the_previous_export(dfa, tmp_path, monkeypa
     before = sorted(p.name for p in folder.iterdir())
     tokenizer = gpt2_tokenizer()
     monkeypatch.setattr(tokenizer, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="disk full.*the previous .* is unchanged"):
         export(dfa, folder, tokenizers={"": tokenizer}, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
