@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from testing_utils import assert_gpt2_init, gpt2_tokenizer, run_without_graftlm, save_tiny_gpt2
+from testing_utils import assert_gpt2_init, gpt2_tokenizer, one_torch_thread, run_without_graftlm, save_tiny_gpt2
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 import graftlm  # noqa: F401  registers the architectures
@@ -201,7 +201,7 @@ def test_entropy_weight_rises_below_target_and_falls_above(tiny_gpt2_dir, direct
 def test_train_dfa_defaults_raise_lambda_within_150_steps_when_gate_entropy_is_below_target(tiny_gpt2_dir, tmp_path):
     """`graftlm train dfa` with its default learning rates, from peaked gates (entropy ~0.1 against a target of 1.25):
     lambda at least doubles within 150 steps (at the common learning rate, 1e-4, it moved by 1%). One window of 8
-    tokens per step and one thread keep it fast; Adam's step sizes, and so the dual ascent's pace, do not depend on
+    tokens per step and one thread keep it fast (about 15 s); Adam's step sizes, and so the dual ascent's pace, do not depend on
     the batch."""
     model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir)
     with torch.no_grad():
@@ -215,14 +215,10 @@ def test_train_dfa_defaults_raise_lambda_within_150_steps_when_gate_entropy_is_b
     from graftlm.demo import offline_text
 
     (tmp_path / "text.txt").write_text(offline_text()[:20000], encoding="utf-8")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: threads only add overhead on a shared machine
-    try:
+    with one_torch_thread():
         assert cli_main(["train", "dfa", "--model", str(tmp_path / "peaked"), "--text", str(tmp_path / "text.txt"),
                          "--output-dir", str(tmp_path / "tuned"), "--max-steps", "150", "--batch-size", "1",
                          "--seq-len", "8"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     metrics = json.loads((tmp_path / "tuned" / "training_metrics.json").read_text(encoding="utf-8"))
     assert metrics["steps"] == 150
     assert metrics["entropy_weight"] >= 2 * lambda_before, metrics["entropy_weight"]
