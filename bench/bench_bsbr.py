@@ -176,7 +176,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype both models are loaded in")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: lengths 256 and 512, 4 decoding steps, 1 repeat (checks the run, not the speed)")
+                        help="smoke run: lengths 256 and 512, 4 decoding steps, 1 repeat (checks it runs, not speed)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")

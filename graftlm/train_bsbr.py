@@ -68,9 +68,8 @@ def main(args):
 
     with tempfile.TemporaryDirectory(prefix="bsbr-heal-") as work_dir:
         training_args = trainer_arguments(args, work_dir, lr_scheduler_type="cosine")
-        trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
-                          optimizers=(make_optimizer(model, args.learning_rate, {".retrieval_gate.": args.gate_learning_rate}),
-                                      None))
+        optimizer = make_optimizer(model, args.learning_rate, {".retrieval_gate.": args.gate_learning_rate})
+        trainer = Trainer(model=model, args=training_args, train_dataset=train_set, optimizers=(optimizer, None))
         result = trainer.train()
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": seq_len,
                    "trainable": args.trainable, "trainable_parameters": trainable, "loss_history": loss_history(trainer)}

@@ -224,7 +224,8 @@ def test_bnb_4bit(arch, matrix_exports, reference, float_model):
 
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_bnb_8bit(arch, matrix_exports, reference, float_model):
-    check_bnb(arch, matrix_exports, reference, float_model, BitsAndBytesConfig(load_in_8bit=True), "Linear8bitLt", "8bit")
+    config = BitsAndBytesConfig(load_in_8bit=True)
+    check_bnb(arch, matrix_exports, reference, float_model, config, "Linear8bitLt", "8bit")
 
 
 def check_bnb(arch, matrix_exports, reference, float_model, config, layer_class, precision):
