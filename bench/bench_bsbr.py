@@ -12,6 +12,8 @@ the resident size follows the live tensors instead of keeping earlier runs' memo
 
     python bench/bench_bsbr.py                          # 1k .. 16k on CPU here, or on a GPU when there is one
     python bench/bench_bsbr.py --lengths 1024 2048 --decode-steps 64
+    python bench/bench_bsbr.py --size small --dtype bfloat16 --device cuda --lengths 1024 32768   # GPT-2-small shapes
+    python bench/bench_bsbr.py --size small --dtype bfloat16 --device cpu --quick                 # seconds: a smoke run
 """
 
 import argparse
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from graftlm.bench import peak_memory_mb, timed  # the suite's measuring helpers, shared
+from graftlm.bench import SIZES, peak_memory_mb, timed  # the suite's shapes and measuring helpers, shared
 from graftlm.modeling.hf_compat import cache_kwargs, cache_of
 
 logger = logging.getLogger("bench_bsbr")
@@ -59,19 +61,25 @@ def decode_time_per_token(model, ids, steps, rounds, device):
 
 
 def build_models(args, device, work_dir):
-    """A random stock GPT-2 of the benchmark config and its GPT2-BSBR conversion (same weights)."""
+    """A random stock GPT-2 of the benchmark config and its GPT2-BSBR conversion (same weights), both loaded in
+    --dtype as a user would load them (BSBR's small modules stay float32)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from graftlm.conversion.bsbr import convert_gpt2_to_bsbr
+    from graftlm.modeling.modeling_bsbr import BSBRForCausalLM
 
     torch.manual_seed(0)
     n_positions = max(args.lengths) + (args.repeats + 1) * args.decode_steps + 1
     config = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_positions=n_positions,
                         vocab_size=args.vocab_size)
-    GPT2LMHeadModel(config).save_pretrained(work_dir)
-    gpt2 = GPT2LMHeadModel.from_pretrained(work_dir, attn_implementation="sdpa").to(device).eval()
-    bsbr, _ = convert_gpt2_to_bsbr(work_dir, chunk_size=args.chunk_size, compression_factor=args.compression_factor)
-    return {"gpt2_sdpa": gpt2, "bsbr": bsbr.to(device).eval()}
+    work_dir, dtype = Path(work_dir), getattr(torch, args.dtype)
+    GPT2LMHeadModel(config).save_pretrained(work_dir / "gpt2")
+    gpt2 = GPT2LMHeadModel.from_pretrained(work_dir / "gpt2", attn_implementation="sdpa", dtype=dtype)
+    bsbr, _ = convert_gpt2_to_bsbr(work_dir / "gpt2", chunk_size=args.chunk_size,
+                                   compression_factor=args.compression_factor)
+    bsbr.save_pretrained(work_dir / "bsbr")
+    bsbr = BSBRForCausalLM.from_pretrained(work_dir / "bsbr", dtype=dtype)
+    return {"gpt2_sdpa": gpt2.to(device).eval(), "bsbr": bsbr.to(device).eval()}
 
 
 def run(args):
@@ -137,11 +145,16 @@ def report(results, output_dir):
     fig.tight_layout()
     fig.savefig(output_dir / "bsbr_bench.png", dpi=120)
 
-    print(f"device: {results['device_name']}")
-    print(f"{'n':>6} | {'fwd BSBR/GPT-2':>14} | {'peak mem':>9} | {'cache':>7} | {'decode ms BSBR / GPT-2':>22}")
+    config = results["config"]
+    print(f"device: {results['device_name']}; {config['n_layer']} layers x {config['n_embd']} wide x "
+          f"{config['n_head']} heads, vocab {config['vocab_size']}, chunk {config['chunk_size']}, {config['dtype']}")
+    print("     n | forward s GPT-2 / BSBR (ratio) | peak MiB GPT-2 / BSBR (ratio) | decode ms/token GPT-2 / BSBR | "
+          "cache MiB GPT-2 / BSBR")
     for r in runs:
-        print(f"{r['n']:>6} | {r['ratio_forward_s']:>14.3f} | {r['ratio_peak_mb']:>9.3f} | {r['ratio_cache_mb']:>7.3f} | "
-              f"{r['bsbr_decode_ms']:>9.2f} / {r['gpt2_sdpa_decode_ms']:<10.2f}")
+        print(f"{r['n']:>6} | {r['gpt2_sdpa_forward_s']:.4f} / {r['bsbr_forward_s']:.4f} ({r['ratio_forward_s']:.2f}) | "
+              f"{r['gpt2_sdpa_peak_mb']:.1f} / {r['bsbr_peak_mb']:.1f} ({r['ratio_peak_mb']:.2f}) | "
+              f"{r['gpt2_sdpa_decode_ms']:.2f} / {r['bsbr_decode_ms']:.2f} | "
+              f"{r['gpt2_sdpa_cache_mb']:.1f} / {r['bsbr_cache_mb']:.2f}")
     for key, t in results["targets"].items():
         print(f"target {key}: {t['measured']:.3f} (<= {t['target']}) at n={t['at_n']}: {'met' if t['met'] else 'NOT met'}")
     print(f"wrote {output_dir / 'bsbr_bench.json'} and {output_dir / 'bsbr_bench.png'}")
@@ -159,10 +172,23 @@ def main(argv=None):
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=512, help="small, so the LM head does not dominate decoding")
+    parser.add_argument("--size", choices=[name for name in SIZES if name != "quick"], default=None,
+                        help="graftlm bench's model shapes (small: GPT-2-small, 12 layers x 768 wide x 12 heads, vocab "
+                        "50257, chunk 128); replaces --n-layer, --n-embd, --n-head, --vocab-size and --chunk-size")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype both models are loaded in")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: lengths 256 and 512, 4 decoding steps, 1 repeat (checks it runs, not speed)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
+    if args.size:
+        shape = SIZES[args.size]
+        args.n_layer, args.n_embd, args.n_head = shape["n_layer"], shape["n_embd"], shape["n_head"]
+        args.vocab_size, args.chunk_size = shape["vocab_size"], shape["chunk_size"]
+    if args.quick:
+        args.lengths, args.decode_steps, args.repeats = [256, 512], 4, 1
     args.lengths = sorted(args.lengths)
     args.decode_steps = args.decode_steps or 2 * args.chunk_size
     on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"

@@ -384,7 +384,7 @@ def run_long_context(args, output_dir):
     folder = output_dir / "bsbr_long_context"
     cmd = [sys.executable, str(script), "--output-dir", str(folder), "--device", args.device.type]
     if args.quick:
-        cmd += ["--lengths", "256", "512", "--chunk-size", "64", "--decode-steps", "4", "--repeats", "1"]
+        cmd += ["--quick", "--chunk-size", "64"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     subprocess.run(cmd, check=True)

@@ -15,7 +15,8 @@ import tempfile
 import torch
 
 from .inputs import POSITIVE, bounded, read_text
-from .training import add_text_training_arguments, loss_history, export_trained, split_blocks, trainer_arguments
+from .training import (add_text_training_arguments, export_trained, loss_history, make_optimizer, split_blocks,
+                       trainer_arguments)
 
 logger = logging.getLogger(__name__)
 
@@ -30,24 +31,6 @@ def set_trainable(model, trainable):
     for name, param in model.named_parameters():
         param.requires_grad_(trainable == "all" or any(part in name for part in RETRIEVAL_PARAMETERS))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def make_optimizer(model, learning_rate, gate_learning_rate, weight_decay=0.01):
-    """AdamW; the scalar retrieval gates get their own learning rate and no weight decay, which would pull them back
-    to 0 (at the common learning rate a gate moves by about learning_rate per step, too slowly to open)."""
-    gates, decayed, plain = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if ".retrieval_gate." in name:  # its weight, also as peft's modules_to_save copy
-            gates.append(param)
-        elif param.ndim >= 2:
-            decayed.append(param)
-        else:
-            plain.append(param)  # biases and layer norms, without decay as usual
-    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0},
-              {"params": gates, "weight_decay": 0.0, "lr": gate_learning_rate}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
 
 
 def add_arguments(parser):
@@ -85,8 +68,8 @@ def main(args):
 
     with tempfile.TemporaryDirectory(prefix="bsbr-heal-") as work_dir:
         training_args = trainer_arguments(args, work_dir, lr_scheduler_type="cosine")
-        trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
-                          optimizers=(make_optimizer(model, args.learning_rate, args.gate_learning_rate), None))
+        optimizer = make_optimizer(model, args.learning_rate, {".retrieval_gate.": args.gate_learning_rate})
+        trainer = Trainer(model=model, args=training_args, train_dataset=train_set, optimizers=(optimizer, None))
         result = trainer.train()
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": seq_len,
                    "trainable": args.trainable, "trainable_parameters": trainable, "loss_history": loss_history(trainer)}

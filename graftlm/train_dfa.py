@@ -15,9 +15,13 @@ from pathlib import Path
 import torch
 
 from . import inputs
-from .training import add_text_training_arguments, loss_history, export_trained, split_blocks, trainer_arguments
+from .training import (add_text_training_arguments, export_trained, loss_history, make_optimizer, split_blocks,
+                       trainer_arguments)
 
 logger = logging.getLogger(__name__)
+
+GATE_LEARNING_RATE = 1e-2
+ENTROPY_WEIGHT_LEARNING_RATE = 5e-2
 
 
 def read_text(path, text_field="text"):
@@ -37,6 +41,21 @@ def add_arguments(parser):
     parser.add_argument("--text-field", default="text", help="field holding the text when --text is a .jsonl file")
     parser.add_argument("--seq-len", type=inputs.bounded(int, 2), default=128,
                         help="training window in tokens (at most n_positions)")
+    parser.add_argument("--gate-learning-rate", type=inputs.POSITIVE, default=GATE_LEARNING_RATE,
+                        help="learning rate of the head gates (c_gate) and the head-dimension mask logits (dim_masks), "
+                        "without weight decay")
+    parser.add_argument("--entropy-weight-learning-rate", type=inputs.POSITIVE, default=ENTROPY_WEIGHT_LEARNING_RATE,
+                        help="learning rate of log(lambda), the self-tuned gate-entropy weight (dual ascent), without "
+                        "weight decay")
+
+
+def make_dfa_optimizer(model, args):
+    """AdamW with the common learning rate and no weight decay (Trainer's default), except DFA's own parameters:
+    gates and mask logits at --gate-learning-rate, log(lambda) at --entropy-weight-learning-rate. Adam moves a
+    parameter by about its learning rate per step, so at 1e-4 lambda could change by about 2% in 200 steps."""
+    rates = {".c_gate.": args.gate_learning_rate, ".dim_masks.": args.gate_learning_rate,
+             "entropy_balance.": args.entropy_weight_learning_rate}
+    return make_optimizer(model, args.learning_rate, rates, weight_decay=0.0)
 
 
 def main(args):
@@ -57,9 +76,11 @@ def main(args):
 
     with tempfile.TemporaryDirectory(prefix="dfa-train-") as work_dir:
         trainer = Trainer(model=model, args=trainer_arguments(args, work_dir, lr_scheduler_type="cosine"),
-                          train_dataset=train_set)
+                          train_dataset=train_set, optimizers=(make_dfa_optimizer(model, args), None))
         result = trainer.train()
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": args.seq_len,
+                   "entropy_weight": model.transformer.entropy_balance().item(),
+                   "active_dim_fraction": model.transformer.active_dim_fraction().item(),
                    "loss_history": loss_history(trainer)}
         if len(eval_set):
             metrics["eval_loss"] = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]  # with the regulariser

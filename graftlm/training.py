@@ -1,5 +1,6 @@
 """Pieces the Trainer-based training commands share (`graftlm train dfa`, `graftlm train bsbr`, `graftlm train bridge`):
-token windows of a text file, the common command-line options, and the per-step losses they write as JSON."""
+token windows of a text file, the common command-line options, the optimizer with per-module learning rates, and the
+per-step losses they write as JSON."""
 
 import json
 
@@ -33,6 +34,22 @@ def split_blocks(ids, seq_len, eval_fraction):
     if eval_fraction > 0 and len(held_out) == 0:
         raise ValueError(f"the held-out {eval_fraction:.0%} of the text is shorter than one window of {seq_len} tokens")
     return train, held_out
+
+
+def make_optimizer(model, learning_rate, own_learning_rates, weight_decay=0.01):
+    """AdamW: weight decay on matrices, none on biases and norms; every parameter whose name contains a key of
+    `own_learning_rates` gets that learning rate and no weight decay. Those are an architecture's small control
+    parameters (gates, mask logits, a dual variable): at the common rate they move by about learning_rate per step,
+    too slowly to open or to track their target, and weight decay would pull them back to their start."""
+    groups = [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}]
+    own = {part: {"params": [], "weight_decay": 0.0, "lr": lr} for part, lr in own_learning_rates.items()}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = next((part for part in own if part in name), None)  # also matches peft's modules_to_save copies
+        group = own[part] if part is not None else groups[0] if param.ndim >= 2 else groups[1]
+        group["params"].append(param)
+    return torch.optim.AdamW([g for g in groups + list(own.values()) if g["params"]], lr=learning_rate)
 
 
 def add_text_training_arguments(parser, model_help, max_steps=200, learning_rate=3e-4):

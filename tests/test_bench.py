@@ -1,14 +1,22 @@
-"""The performance suite (`graftlm bench`) in its --quick mode: the structure and arithmetic of its outputs.
+"""The performance suite (`graftlm bench`) in its --quick mode: the structure and arithmetic of its outputs, and that
+its measurements see a model made slower on purpose.
 
-No timing thresholds: on toy shapes the numbers are noise; what must hold is that every architecture and measurement
-is there, each ratio is the quotient of the raw figures beside it, and each verdict follows from its target.
+No timing thresholds on real models: on toy shapes the numbers are noise; what must hold is that every architecture
+and measurement is there, each ratio is the quotient of the raw figures beside it, and each verdict follows from its
+target. The slowed model adds a fixed delay many times a tiny model's forward time, so its ratios are far from 1.
 """
 
 import json
+import time
+from argparse import Namespace
 
 import pytest
+import torch
+from testing_utils import one_torch_thread, tiny_gpt2_config
+from transformers import GPT2LMHeadModel
 
-from graftlm.bench import ARCHS, CONVERSION_TARGET_S, DECODE_TARGETS, PRUNED_DECODE_TARGET, SIZES, TRAIN_TIME_TARGETS
+from graftlm.bench import (ARCHS, CONVERSION_TARGET_S, DECODE_TARGETS, PRUNED_DECODE_TARGET, SIZES, TRAIN_TIME_TARGETS,
+                           bench_decoding, bench_training)
 from graftlm.cli import main
 
 PROMPTS, BATCHES, NEW_TOKENS = [16, 32], [1, 2], 4  # what --quick sets
@@ -129,3 +137,33 @@ def test_bench_rejects_bad_options_with_a_clear_error(tmp_path, capsys):
         main(["bench", "--sizes", "small"])
     assert exit_info.value.code == 2
     assert not (tmp_path / "bench.json").exists()
+
+
+class SlowedGPT2(GPT2LMHeadModel):
+    """Stock GPT-2 that sleeps before every forward pass."""
+
+    delay_s = 0.2
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay_s)
+        return super().forward(*args, **kwargs)
+
+
+def test_a_slowed_model_measures_as_slower():
+    """The same weights, one copy sleeping 200 ms per forward pass (a tiny model's takes a few ms, tens on a busy
+    machine): the decoding ratio (tokens/s, model / stock) must fall below 1/1.5 and the training-step ratio (time)
+    rise above 1.5, which holds while the stock step takes under 400 ms. Swapped or shared measurements give >= 1 or
+    about 1 and fail."""
+    torch.manual_seed(0)
+    stock = GPT2LMHeadModel(tiny_gpt2_config(vocab_size=512, bos_token_id=511, eos_token_id=511)).eval()
+    slowed = SlowedGPT2(stock.config).eval()
+    slowed.load_state_dict(stock.state_dict())
+    models = {"gpt2": stock, "dfa": slowed}  # the bench's labels: "dfa" is the model compared with stock GPT-2
+    args = Namespace(prompts=[8], batches=[1], new_tokens=4, repeats=2, train_batch=1, train_seq=8,
+                     shape={"vocab_size": 512})
+    device = torch.device("cpu")
+    with one_torch_thread():
+        (decoding,) = bench_decoding(models, args, device, torch.Generator().manual_seed(0))
+        (training,) = bench_training(models, args, device, torch.Generator().manual_seed(0))
+    assert decoding["ratio"] < 1 / 1.5 and decoding["verdict"] == "MISS", decoding
+    assert training["time_ratio"] > 1.5, training

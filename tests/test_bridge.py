@@ -15,7 +15,7 @@ from graftlm.conversion.common import ConversionError, load_stock_bert, load_tok
 from graftlm.modeling.bridge_decoding import AdaptiveLogitsProcessor, soft_top_k_log_probs
 from graftlm.modeling.bridge_layers import GABridge, PopulationBridge
 from graftlm.modeling.modeling_bridge import BridgeForConditionalGeneration, shift_tokens_right
-from graftlm.train_bridge import BridgeCollator, load_pairs, tokenize_pairs
+from graftlm.train_bridge import BridgeCollator, load_bridge, load_pairs, tokenize_pairs
 
 EOS = 50256
 # (bridge options, description): every bridge kind and the seeds' options.
@@ -360,10 +360,17 @@ def test_train_cli_runs_and_exports(converted, tmp_path):
                      "--learning-rate", "1e-3", "--logging-steps", "1"])
     assert code == 0
     metrics = json.loads((out / "training_metrics.json").read_text())
-    assert metrics["steps"] == 3 and metrics["eval_loss"] > 0
-    reloaded = AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert metrics["steps"] == 3 and [entry["step"] for entry in metrics["loss_history"]] == [1, 2, 3]
+    reloaded, source_tokenizer, target_tokenizer = load_bridge(out)  # the encoder tokenizer is exported too
     assert isinstance(reloaded, BridgeForConditionalGeneration)
-    assert (out / "encoder_tokenizer" / "tokenizer_config.json").is_file()
+    start = converted["linear"][0].state_dict()
+    assert any(not torch.equal(value, start[name]) for name, value in reloaded.state_dict().items())  # it trained
+    # The export is the model that was evaluated: its loss on the eval pairs (batches of 2, in order) is eval_loss.
+    pairs = tokenize_pairs(load_pairs(str(data_file)), source_tokenizer, target_tokenizer)
+    collate = BridgeCollator(source_tokenizer.pad_token_id)
+    with torch.no_grad():
+        losses = [reloaded.eval()(**collate([pairs[i], pairs[i + 1]])).loss for i in (0, 2)]
+    assert torch.stack(losses).mean().item() == pytest.approx(metrics["eval_loss"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- save, export, fresh process
@@ -411,11 +418,15 @@ with torch.no_grad():
 torch.manual_seed(0)
 adaptive = model.generate(**inputs, adaptive_decoding=True, max_new_tokens=4, num_return_sequences=2)
 print(json.dumps({"output": output.tolist(), "text": target_tokenizer.batch_decode(output)[0],
-                  "logit": logits[0, -1, :5].tolist(), "adaptive_rows": adaptive.shape[0],
+                  "logit": logits[0, -1, :5].tolist(), "adaptive": adaptive.tolist(),
                   "pad": target_tokenizer.pad_token_id}))
 """, tmp_path)
     assert result["output"][0][: expected.shape[1]] == expected[0].tolist()[: len(result["output"][0])]
-    assert result["adaptive_rows"] == 2 and result["pad"] == EOS
+    assert result["pad"] == EOS
+    # Adaptive decoding (each row's own temperature and top-k) through the exported code samples what ours samples.
+    torch.manual_seed(0)
+    adaptive = model.generate(**inputs, adaptive_decoding=True, max_new_tokens=4, num_return_sequences=2)
+    assert adaptive.shape[0] == 2 and result["adaptive"] == adaptive.tolist()
     with torch.no_grad():
         ours = model(**inputs, decoder_input_ids=torch.tensor(result["output"])).logits[0, -1, :5]
     assert torch.allclose(ours, torch.tensor(result["logit"]), atol=1e-5)

@@ -104,10 +104,18 @@ def test_push_to_hub_failure_is_reported_and_the_export_is_complete(tiny_gpt2_di
     assert (folder / "model.safetensors").is_file()
 
 
-def test_generate_prints_a_continuation(cli_export, capsys):
+def test_generate_prints_a_continuation(cli_export, tiny_gpt2_dir, capsys):
+    """The printed text is the prompt and the model's greedy continuation (a converted DFA computes what its stock
+    GPT-2 computes, so stock GPT-2 gives the expected tokens)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
     assert main(["generate", str(cli_export), "--prompt", "Hello world", "--max-new-tokens", "5"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("Hello world") and len(line) > len("Hello world")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    ids = tokenizer("Hello world", return_tensors="pt").input_ids
+    stock = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    new = stock.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+    assert len(new) == 5
+    assert capsys.readouterr().out == "Hello world" + tokenizer.decode(new, skip_special_tokens=True) + "\n"
 
 
 @pytest.mark.parametrize("flags, message", [

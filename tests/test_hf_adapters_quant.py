@@ -3,7 +3,7 @@
 graftlm loads it; the new modules are opened with noise (conftest `matrix_exports`), so they take part everywhere.
 
 Tolerances are relative: max |logits - float32 logits| / max |float32 logits| (README states them with the errors
-measured on these models)."""
+measured on these models). Generated tokens are ranked by the float32 model (MAX_RANK)."""
 
 import re
 
@@ -39,6 +39,9 @@ BLOCKS = {"dfa": {"DFABlock"}, "bsbr": {"BSBRBlock"}, "bridge": {"BertLayer", "G
           "scaffold": {"GPT2Block", "ScaffoldFuser"}}
 # Stated tolerances (relative logits error, see module docstring).
 TOLERANCE = {"fp16": 0.01, "bf16": 0.05, "8bit": 0.1, "4bit": 0.4}
+# Highest float32 rank (0: the argmax) of a token generated in each precision (see check_generate); measured at most
+# 0 (float16), 1 (bfloat16, 8-bit) and 2 (4-bit nf4) on these models.
+MAX_RANK = {"fp16": 1, "bf16": 3, "8bit": 3, "4bit": 5}
 SEQ = 32  # BSBR chunk 8: four chunks, so chunk retrieval (meta projections, gates) shapes the logits
 
 
@@ -67,13 +70,26 @@ def logits(model, arch):
 
 
 @pytest.fixture(scope="module")
-def reference(matrix_exports):
+def float_model(matrix_exports):
+    """{arch: the exported model in float32} (loaded once per architecture)."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = load(arch, matrix_exports[arch])
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(float_model):
     """{arch: float32 logits of the exported model} (computed once per architecture)."""
     cache = {}
 
     def get(arch):
         if arch not in cache:
-            cache[arch] = logits(load(arch, matrix_exports[arch]), arch)
+            cache[arch] = logits(float_model(arch), arch)
         return cache[arch]
 
     return get
@@ -83,28 +99,31 @@ def relative_error(out, ref):
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-def check_generate(model, arch, slack):
-    """Greedy generate with the KV cache, then one uncached forward over the result: every generated token must be
-    the uncached argmax up to `slack` (low precision may reorder near-ties, it must not pick a far-off token)."""
+def check_generate(model, arch, float32_model, max_rank):
+    """Greedy generate with the KV cache in low precision, then score the result with the float32 model in one
+    uncached forward: every generated token must rank within the float32 model's top `max_rank` + 1 at its position
+    (rank 0: its argmax). Low precision may reorder near-ties of these flat tiny random models; it must not pick a
+    token the float32 model ranks far down (a rank out of a 50257-token vocabulary)."""
     batch = {k: v.to(model.device) for k, v in inputs(arch).items()}
     eos = model.generation_config.eos_token_id
     new = 6
     if arch == "bridge":
         out = model.generate(input_ids=batch["input_ids"], max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        with torch.no_grad():
-            step_logits = model(input_ids=batch["input_ids"], decoder_input_ids=out[:, :-1]).logits[:, -new:]
+        scoring = dict(input_ids=batch["input_ids"].cpu(), decoder_input_ids=out[:, :-1].cpu())
     else:
         prompt = batch["input_ids"][:, :16]
         out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=eos)
-        extra = dict(scaffold_input_ids=prompt) if arch == "scaffold" else {}
-        with torch.no_grad():
-            step_logits = model(input_ids=out[:, :-1], use_cache=False, **extra).logits[:, -new:]
+        scoring = dict(input_ids=out[:, :-1].cpu(), use_cache=False)
+        if arch == "scaffold":
+            scoring["scaffold_input_ids"] = prompt.cpu()
     assert out.shape == (2, (1 if arch == "bridge" else 16) + new)
-    step_logits = step_logits.float()
+    with torch.no_grad():
+        scores = float32_model(**scoring).logits[:, -new:].float()
     if eos is not None:  # min_new_tokens masks eos during generate
-        step_logits[..., eos] = -torch.inf
-    chosen = step_logits.gather(-1, out[:, -new:, None])[..., 0]
-    assert (chosen >= step_logits.max(-1).values - slack).all(), (chosen, step_logits.max(-1).values)
+        scores[..., eos] = -torch.inf
+    chosen = scores.gather(-1, out[:, -new:, None].cpu())
+    ranks = (scores > chosen).sum(-1)
+    assert ranks.max().item() <= max_rank, ranks
 
 
 def check_fp32_params(model, arch, low_dtypes):
@@ -198,23 +217,24 @@ def test_qlora(arch, matrix_exports):
 
 
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
-def test_bnb_4bit(arch, matrix_exports, reference):
+def test_bnb_4bit(arch, matrix_exports, reference, float_model):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    check_bnb(arch, matrix_exports, reference, config, "Linear4bit", TOLERANCE["4bit"])
+    check_bnb(arch, matrix_exports, reference, float_model, config, "Linear4bit", "4bit")
 
 
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
-def test_bnb_8bit(arch, matrix_exports, reference):
-    check_bnb(arch, matrix_exports, reference, BitsAndBytesConfig(load_in_8bit=True), "Linear8bitLt", TOLERANCE["8bit"])
+def test_bnb_8bit(arch, matrix_exports, reference, float_model):
+    config = BitsAndBytesConfig(load_in_8bit=True)
+    check_bnb(arch, matrix_exports, reference, float_model, config, "Linear8bitLt", "8bit")
 
 
-def check_bnb(arch, matrix_exports, reference, config, layer_class, tolerance):
+def check_bnb(arch, matrix_exports, reference, float_model, config, layer_class, precision):
     model = load(arch, matrix_exports[arch], quantization_config=config)
     assert any(type(m).__name__ == layer_class for m in model.modules())
     assert type(model.get_output_embeddings()) is torch.nn.Linear  # tied to the embedding: never quantized
     check_fp32_params(model, arch, low_dtypes={torch.float32})
-    assert relative_error(logits(model, arch), reference(arch)) <= tolerance
-    check_generate(model, arch, slack=tolerance * reference(arch).abs().max().item())
+    assert relative_error(logits(model, arch), reference(arch)) <= TOLERANCE[precision]
+    check_generate(model, arch, float_model(arch), MAX_RANK[precision])
 
 
 # --- accelerate device_map -----------------------------------------------------------------------------------------
@@ -257,19 +277,19 @@ def test_device_map_auto(arch, matrix_exports, reference, tmp_path):
 
 
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
-def test_fp16(arch, matrix_exports, reference):
-    check_dtype(arch, matrix_exports, reference, torch.float16, TOLERANCE["fp16"])
+def test_fp16(arch, matrix_exports, reference, float_model):
+    check_dtype(arch, matrix_exports, reference, float_model, torch.float16, "fp16")
 
 
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
-def test_bf16(arch, matrix_exports, reference):
-    check_dtype(arch, matrix_exports, reference, torch.bfloat16, TOLERANCE["bf16"])
+def test_bf16(arch, matrix_exports, reference, float_model):
+    check_dtype(arch, matrix_exports, reference, float_model, torch.bfloat16, "bf16")
 
 
-def check_dtype(arch, matrix_exports, reference, dtype, tolerance):
+def check_dtype(arch, matrix_exports, reference, float_model, dtype, precision):
     model = load(arch, matrix_exports[arch], dtype=dtype)
     check_fp32_params(model, arch, low_dtypes={dtype})
     out = model(**inputs(arch)).logits
     assert out.dtype == dtype
-    assert relative_error(out.detach().float(), reference(arch)) <= tolerance
-    check_generate(model, arch, slack=tolerance * reference(arch).abs().max().item())
+    assert relative_error(out.detach().float(), reference(arch)) <= TOLERANCE[precision]
+    check_generate(model, arch, float_model(arch), MAX_RANK[precision])

@@ -164,3 +164,15 @@ def assert_gpt2_init(model_class, config_class, **config):
     for name, param in stock.named_parameters():
         if name.endswith(".weight") and param.ndim == 2:
             assert abs(ours[name].std() / param.std() - 1) < 0.1, (name, ours[name].std().item(), param.std().item())
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run tiny models on one thread: on a shared machine, more threads only add waits (a tiny DFA's training step
+    took 0.44 s on two busy cores and 0.08 s on one), which would swamp timing and slow long loops."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
