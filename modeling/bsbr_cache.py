@@ -1,12 +1,14 @@
 """Generation cache of GPT2-BSBR: per layer, the current chunk's keys and values, the running state of that chunk,
 and, per completed chunk j, its state F_j, normaliser z_j and key H_j. Its size grows with n / chunk_size, not n."""
 
+import torch
 from transformers.cache_utils import Cache
 
 # (name, batch dim first) of every tensor one layer keeps; all are indexed by the batch row first.
 _TENSORS = (
     "k_buf",  # (batch, heads, B, head_dim): keys of the current chunk, slots [0, fill) valid
     "v_buf",  # (batch, heads, B, head_dim)
+    "p_buf",  # (batch, B) long: input position of each slot's token (where output_attentions places its weight)
     "f_run",  # (batch, heads, state_dim, head_dim) float32: phi(K)^T V of the current chunk so far
     "z_run",  # (batch, heads, state_dim) float32: sum of phi(k) of the current chunk so far
     "x_run",  # (batch, n_embd) float32: sum of the layer inputs of the current chunk so far (for its summary)
@@ -20,17 +22,58 @@ _TENSORS = (
 )
 
 
+def prefill_state(record, lengths):
+    """The layer tensors after each row's first `lengths` real tokens of a prefill. record: what the prefill computed
+    per chunk (C chunks of B slots, real tokens first): features kf (b, h, C, B, s) and float values vf, keys kc and
+    values vc (b, h, C, B, d), float layer inputs xc (b, C, B, n_embd), input positions pc (b, C, B), chunk states
+    and normalisers, chunk keys meta_h (b, h, C, d) and each chunk's retrieval state s_all, u_all."""
+    chunk = record["kc"].shape[3]
+    open_chunk, fill = lengths // chunk, lengths % chunk  # per row: the chunk still being filled, its real tokens
+    rows = torch.arange(len(lengths), device=lengths.device)
+    keep = (torch.arange(chunk, device=lengths.device) < fill[:, None]).float()  # (b, B)
+    kf_open = record["kf"][rows, :, open_chunk] * keep[:, None, :, None]  # (b, h, B, s)
+    done = int(open_chunk.max())
+    return dict(
+        k_buf=record["kc"][rows, :, open_chunk], v_buf=record["vc"][rows, :, open_chunk],
+        p_buf=record["pc"][rows, open_chunk], f_run=kf_open.transpose(-1, -2) @ record["vf"][rows, :, open_chunk],
+        z_run=kf_open.sum(-2), x_run=(record["xc"][rows, open_chunk] * keep[..., None]).sum(1), fill=fill,
+        chunks=open_chunk, f_store=record["states"][:, :, :done].clone(), z_store=record["norms"][:, :, :done].clone(),
+        h_store=record["meta_h"][:, :, :done].clone(), s_cur=record["s_all"][rows, :, open_chunk],
+        u_cur=record["u_all"][rows, :, open_chunk],
+    )
+
+
 class BSBRLayerState:
-    """The cached state of one BSBR layer. `seen` counts input slots (padding included), as generate() expects."""
+    """The cached state of one BSBR layer. `seen` counts input slots (padding included), as generate() expects.
+
+    The decode step replaces the running tensors instead of updating them in place (the key/value buffers excepted:
+    it writes only the slot past the valid ones, and a closing chunk moves them to fresh copies), so that, with past
+    recording on (activate_past_recording(), as generate() does for assisted decoding), the state before each step is
+    kept by reference at no copying cost and crop(-n) rolls the last n steps back exactly: the tokens of the open chunk
+    and, where a crop reaches back past a chunk boundary, that chunk's stored state and the retrieval state built on it.
+    """
 
     def __init__(self):
         self.seen = 0
+        self.record_past = False
+        self.history = []  # while recording: the tensors before each decode step since the last crop
+        self.prefill = None  # while recording: what the prefill computed, to crop back into it (prefill_state)
         for name in _TENSORS:
             setattr(self, name, None)
 
     @property
     def initialized(self):
         return self.fill is not None
+
+    @property
+    def keys(self):
+        """(batch, heads, tokens, head_dim): the keys of the open chunk (earlier chunks live on as states only)."""
+        return None if self.k_buf is None else self.k_buf[:, :, : int(self.fill.max())]
+
+    @property
+    def values(self):
+        """(batch, heads, tokens, head_dim): the values of the open chunk."""
+        return None if self.v_buf is None else self.v_buf[:, :, : int(self.fill.max())]
 
     def set(self, **tensors):
         unknown = set(tensors) - set(_TENSORS)
@@ -39,11 +82,42 @@ class BSBRLayerState:
         for name, value in tensors.items():
             setattr(self, name, value)
 
+    def record_step(self):
+        """Called before each decode step: keep the current tensors (by reference) while recording the past."""
+        if self.record_past:
+            self.history.append({name: getattr(self, name) for name in _TENSORS})
+
+    def activate_past_recording(self):
+        self.record_past = True
+
+    def crop(self, tokens_to_remove):
+        """Remove the last -tokens_to_remove tokens (transformers' convention: a negative count); any crop also
+        drops the recorded steps, as transformers' fixed-size layers restrict themselves back to their working size."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        steps = -tokens_to_remove
+        recorded = len(self.history) + (self.prefill["valid"].shape[1] if self.prefill is not None else 0)
+        if steps > recorded:
+            raise RuntimeError(
+                f"cannot crop {steps} tokens from a BSBR cache that recorded {recorded}: call "
+                "activate_past_recording() before the tokens to remove are processed (generate() does)"
+            )
+        if 0 < steps <= len(self.history):
+            self.set(**self.history[-steps])
+        elif steps:  # back into the prefill (it started from an empty cache, so its slots are input positions)
+            kept = (self.prefill["pc"].flatten(1) < self.seen - steps) & self.prefill["valid"]
+            self.set(**prefill_state(self.prefill, kept.sum(1)))
+        self.seen -= steps
+        self.history, self.prefill = [], None
+
     def _map(self, fn):
         for name in _TENSORS:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))
+        self.history = [{name: fn(t) if t is not None else None for name, t in step.items()} for step in self.history]
+        if self.prefill is not None:  # every tensor of the record is indexed by the batch row first
+            self.prefill = {name: fn(t) for name, t in self.prefill.items()}
 
     def reorder_cache(self, beam_idx):
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -54,12 +128,24 @@ class BSBRLayerState:
     def batch_select_indices(self, indices):
         self._map(lambda t: t[indices])
 
+    def reset(self):
+        self.__init__()
+
+    def get_seq_length(self):
+        return self.seen
+
+    def get_max_length(self):
+        return -1  # grows with the input, one state per completed chunk
+
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in _TENSORS) if t is not None)
 
 
 class BSBRCache(Cache):
-    """One BSBRLayerState per layer. Not croppable (chunk states cannot be un-summed) and not compileable."""
+    """One BSBRLayerState per layer, following transformers' Cache API: generate() creates it
+    (BSBRForCausalLM._prepare_cache_for_generation), reorders it for beams, crops it for assisted decoding and prompt
+    lookup (with past recording), and continues from a returned one. Not compileable (it grows by one state per
+    chunk)."""
 
     def __init__(self, num_layers):
         super().__init__(layers=[BSBRLayerState() for _ in range(num_layers)])
@@ -73,17 +159,11 @@ class BSBRCache(Cache):
 
     @property
     def is_croppable(self):
-        return False
-
-    def crop(self, max_length):
-        raise NotImplementedError("a BSBR cache cannot be cropped: completed chunks are kept only as summed states")
-
-    def reset(self):
-        self.layers = [BSBRLayerState() for _ in self.layers]
+        return True  # with past recording on (generate() turns it on where it crops)
 
     def nbytes(self):
         """Bytes held by all layers' tensors (what the cache costs in memory)."""
         return sum(layer.nbytes() for layer in self.layers)
 
 
-__all__ = ["BSBRCache", "BSBRLayerState"]
+__all__ = ["BSBRCache", "BSBRLayerState", "prefill_state"]

@@ -62,4 +62,18 @@ def cache_of(output):
     return getattr(output, CACHE_NAME)
 
 
+def output_flags(config, output_attentions=None, output_hidden_states=None, return_dict=None):
+    """(output_attentions, output_hidden_states, return_dict) as transformers' models read them: each value passed to
+    the call, else the config's (`config.output_attentions`, `config.output_hidden_states`, `config.return_dict`)."""
+    passed = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states,
+              "return_dict": return_dict}
+    return tuple(getattr(config, name) if value is None else value for name, value in passed.items())
+
+
+def returned(output, return_dict):
+    """The output as transformers' models return it: the ModelOutput, or with return_dict=False its tuple of the
+    fields that are set (ModelOutput.to_tuple, as GPT-2 returns)."""
+    return output if return_dict else output.to_tuple()
+
+
 warn_if_unsupported()

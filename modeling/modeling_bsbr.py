@@ -37,9 +37,9 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
 from ..configuration.configuration_bsbr import BSBRConfig
-from .bsbr_cache import BSBRCache
+from .bsbr_cache import BSBRCache, prefill_state
 from .gpt2_inputs import checked_position_ids
-from .hf_compat import cache_kwargs, cache_of, pick_cache
+from .hf_compat import CACHE_NAME, cache_kwargs, cache_of, output_flags, pick_cache, returned
 
 
 def feature_map(x, name):
@@ -55,12 +55,18 @@ def block_average(head_dim, factor):
     return weight
 
 
-class KeyCompression(nn.Linear):
+class KeyCompression(nn.Module):
     """head_dim -> head_dim / c projection of keys and queries before phi, initialised to average each run of c
-    consecutive dimensions (block_average)."""
+    consecutive dimensions (block_average). Not an nn.Linear, so quantizers (which replace nn.Linear layers) leave it
+    as it is: the retrieval path reads its weight in float32."""
 
     def __init__(self, head_dim, factor):
-        super().__init__(head_dim, head_dim // factor, bias=False)
+        super().__init__()
+        self.in_features, self.out_features = head_dim, head_dim // factor
+        self.weight = nn.Parameter(block_average(head_dim, factor))
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
 
 
 class RetrievalGate(nn.Module):
@@ -112,22 +118,44 @@ class BSBRAttention(nn.Module):
         summary = summary.to(dtype)
         return self._heads(self.meta_r_proj(summary).float()), self._heads(self.meta_h_proj(summary).float())
 
-    def forward(self, hidden_states, valid, layer_state=None):
+    def _attend(self, q, k, v, mask=None, need_weights=False):
+        """Softmax attention of q over k/v, causal where `mask` (True: may read) is None: (out, weights or None).
+        SDPA, or its explicit math when the weights are wanted (output_attentions)."""
+        dropout = self.attn_dropout.p if self.training else 0.0
+        if not need_weights:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, dropout_p=dropout
+            )
+            return out, None
+        if mask is None:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = (q @ k.transpose(-1, -2)) * self.scaling
+        weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+        return self.attn_dropout(weights) @ v, weights
+
+    def forward(self, hidden_states, valid, slots, layer_state=None, output_attentions=False):
         """hidden_states (b, T, n_embd). Without a filled cache, rows are compacted (real tokens first) and `valid`
-        (b, T) marks them; with one, `valid` marks which new tokens are real and tokens are decoded one by one."""
+        (b, T) marks them; with one, `valid` marks which new tokens are real and tokens are decoded one by one.
+        slots (b, T): each token's position among all input slots (cached ones included), where output_attentions
+        places the local weights: (out, weights (b, heads, T, slots so far) or None)."""
         q, k, v = (self._heads(t) for t in self.c_attn(hidden_states).split(self.config.n_embd, dim=2))
         if layer_state is not None and layer_state.initialized:
-            steps = [self._decode_step(hidden_states[:, t], q[:, :, t], k[:, :, t], v[:, :, t], valid[:, t], layer_state)
-                     for t in range(hidden_states.shape[1])]
-            out = torch.stack(steps, dim=2)  # (b, h, T, d)
+            length = layer_state.seen + hidden_states.shape[1]
+            steps = []
+            for t in range(hidden_states.shape[1]):
+                layer_state.record_step()
+                steps.append(self._decode_step(hidden_states[:, t], q[:, :, t], k[:, :, t], v[:, :, t], valid[:, t],
+                                               slots[:, t], layer_state, output_attentions, length))
+            out = torch.stack([o for o, _ in steps], dim=2)  # (b, h, T, d)
+            weights = torch.stack([w for _, w in steps], dim=2) if output_attentions else None
         else:
-            out = self._chunked(hidden_states, q, k, v, valid, layer_state)
+            out, weights = self._chunked(hidden_states, q, k, v, valid, slots, layer_state, output_attentions)
         if layer_state is not None:
             layer_state.seen += hidden_states.shape[1]
         out = self.c_proj(out.transpose(1, 2).reshape(hidden_states.shape))
-        return self.resid_dropout(out)
+        return self.resid_dropout(out), weights
 
-    def _chunked(self, x, q, k, v, valid, layer_state):
+    def _chunked(self, x, q, k, v, valid, slots, layer_state, output_attentions):
         """All chunks at once. Rows hold their real tokens first (valid is a prefix of each row)."""
         b, h, n, d = q.shape
         chunk = self.chunk
@@ -135,14 +163,12 @@ class BSBRAttention(nn.Module):
         pad = n_chunks * chunk - n
         if pad:
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            x, valid = F.pad(x, (0, 0, 0, pad)), F.pad(valid, (0, pad))
+            x, valid, slots = F.pad(x, (0, 0, 0, pad)), F.pad(valid, (0, pad)), F.pad(slots, (0, pad))
 
         # Local term: causal softmax attention inside each chunk, chunks folded into the head axis.
         fold = (b, h * n_chunks, chunk, d)
-        local = F.scaled_dot_product_attention(
-            q.reshape(fold), k.reshape(fold), v.reshape(fold), is_causal=True, scale=self.scaling,
-            dropout_p=self.attn_dropout.p if self.training else 0.0,
-        ).view(b, h, n_chunks, chunk, d)
+        local, weights = self._attend(q.reshape(fold), k.reshape(fold), v.reshape(fold), need_weights=output_attentions)
+        local = local.view(b, h, n_chunks, chunk, d)
 
         # Retrieval term, float32. Padded slots get zero features, so they enter no state or normaliser.
         mask = valid.view(b, 1, n_chunks, chunk, 1).float()
@@ -169,33 +195,43 @@ class BSBRAttention(nn.Module):
         out = (local + gate.to(local.dtype) * retrieved.to(local.dtype)).view(b, h, n_chunks * chunk, d)[:, :, :n]
 
         if layer_state is not None:
-            lengths = valid.sum(1)
-            open_chunk = lengths // chunk  # per row: index of the chunk still being filled
-            rows = torch.arange(b, device=q.device)
-            kc, vc = k.view(b, h, n_chunks, chunk, d), v.view(b, h, n_chunks, chunk, d)
-            done = int(open_chunk.max())
-            layer_state.set(
-                k_buf=kc[rows, :, open_chunk], v_buf=vc[rows, :, open_chunk],
-                f_run=states[rows, :, open_chunk], z_run=norms[rows, :, open_chunk], x_run=x_sums[rows, open_chunk],
-                fill=lengths % chunk, chunks=open_chunk,
-                f_store=states[:, :, :done].clone(), z_store=norms[:, :, :done].clone(),
-                h_store=meta_h[:, :, :done].clone(),
-                s_cur=s_all[rows, :, open_chunk], u_cur=u_all[rows, :, open_chunk],
-            )
-        return out
+            record = dict(kf=kf, vf=vf, kc=k.view(b, h, n_chunks, chunk, d), vc=v.view(b, h, n_chunks, chunk, d),
+                          xc=x.float().view(b, n_chunks, chunk, -1), pc=slots.view(b, n_chunks, chunk), states=states,
+                          norms=norms, meta_h=meta_h, s_all=s_all, u_all=u_all)
+            layer_state.set(**prefill_state(record, valid.sum(1)))
+            if layer_state.record_past:  # crop() may roll back into this prefill
+                layer_state.prefill = dict(record, valid=valid)
+        if weights is not None:
+            weights = self._placed_prefill(weights.view(b, h, n_chunks, chunk, chunk), slots, n)
+        return out, weights
 
-    def _decode_step(self, x, q, k, v, real, st):
-        """One token per row: x (b, n_embd), q/k/v (b, h, d), real (b,) bool. Updates the layer state in place."""
+    @staticmethod
+    def _placed_prefill(weights, slots, n):
+        """Chunk-local weights (b, h, C, B, B) of compacted tokens -> (b, h, n, n) in input order, zero outside each
+        query's chunk. slots (b, C * B): each compacted token's input position (padding past n: its rows are dropped)."""
+        b, h, n_chunks, chunk, _ = weights.shape
+        keys = slots.view(b, 1, n_chunks, 1, chunk).expand_as(weights)
+        by_key = weights.new_zeros(b, h, n_chunks, chunk, n).scatter_add_(4, keys, weights).flatten(2, 3)
+        by_key = by_key * (torch.arange(n_chunks * chunk, device=slots.device) < n)[:, None]  # drop padding rows
+        queries = slots[:, None, :, None].expand_as(by_key)
+        return weights.new_zeros(b, h, n, n).scatter_add_(2, queries, by_key)
+
+    def _decode_step(self, x, q, k, v, real, slot, st, output_attentions, length):
+        """One token per row: x (b, n_embd), q/k/v (b, h, d), real (b,) bool, slot (b,) its input position. Updates
+        the layer state: the key/value buffers in place (only the slot past the valid ones), every other tensor by
+        replacing it (BSBRLayerState). Returns (out (b, h, d), weights (b, h, length) over input slots or None)."""
         b, h, d = q.shape
         chunk = self.chunk
-        slot = st.fill.view(b, 1, 1, 1).expand(b, h, 1, d)
-        st.k_buf.scatter_(2, slot, k[:, :, None])  # in place: the cache owns its buffers (no copy per step)
-        st.v_buf.scatter_(2, slot, v[:, :, None])
+        slot_index = st.fill.view(b, 1, 1, 1).expand(b, h, 1, d)
+        st.k_buf.scatter_(2, slot_index, k[:, :, None])  # in place: the cache owns its buffers (no copy per step)
+        st.v_buf.scatter_(2, slot_index, v[:, :, None])
+        st.p_buf.scatter_(1, st.fill[:, None], slot[:, None])
         filled = torch.arange(chunk, device=q.device) <= st.fill[:, None]  # (b, B): slots up to this token's
-        local = F.scaled_dot_product_attention(
-            q[:, :, None], st.k_buf, st.v_buf, attn_mask=filled[:, None, None, :], scale=self.scaling,
-            dropout_p=self.attn_dropout.p if self.training else 0.0,
-        )[:, :, 0]  # (b, h, d)
+        local, weights = self._attend(q[:, :, None], st.k_buf, st.v_buf, filled[:, None, None, :], output_attentions)
+        local = local[:, :, 0]  # (b, h, d)
+        if weights is not None:  # (b, h, 1, B) over the open chunk's slots -> (b, h, length) over input slots
+            keys = st.p_buf.clamp_max(length - 1)[:, None, :].expand(b, h, chunk)
+            weights = weights.new_zeros(b, h, length).scatter_add_(2, keys, weights[:, :, 0])
 
         qf = self._features(q)  # (b, h, s)
         denom = (qf * st.u_cur).sum(-1, keepdim=True) + self.config.retrieval_eps
@@ -204,14 +240,14 @@ class BSBRAttention(nn.Module):
 
         keep = real.float()
         kf = self._features(k) * keep.view(b, 1, 1)
-        st.f_run.add_(kf[..., None] * v.float()[:, :, None, :])
-        st.z_run.add_(kf)
-        st.x_run.add_(x.float() * keep[:, None])
-        st.fill.add_(real.long())
+        st.f_run = st.f_run + kf[..., None] * v.float()[:, :, None, :]
+        st.z_run = st.z_run + kf
+        st.x_run = st.x_run + x.float() * keep[:, None]
+        st.fill = st.fill + real.long()
         completed = st.fill == chunk
         if bool(completed.any()):
             self._close_chunks(st, completed, x.dtype)
-        return out
+        return out, weights
 
     def _close_chunks(self, st, completed, dtype):
         """Store the state of every row's just-completed chunk and refresh the retrieval state for its next chunk."""
@@ -246,6 +282,8 @@ class BSBRAttention(nn.Module):
         st.x_run = torch.where(completed[:, None], 0.0, st.x_run)
         st.fill = torch.where(completed, 0, st.fill)
         st.chunks = chunks
+        # The next chunk's tokens go into copies: a recorded earlier state keeps this chunk's keys and values.
+        st.k_buf, st.v_buf, st.p_buf = st.k_buf.clone(), st.v_buf.clone(), st.p_buf.clone()
 
 
 class BSBRBlock(GradientCheckpointingLayer):
@@ -259,9 +297,10 @@ class BSBRBlock(GradientCheckpointingLayer):
         for projection in (self.attn.c_proj, self.mlp.c_proj):
             projection.residual_projection = True  # scaled init (_init_weights)
 
-    def forward(self, hidden_states, valid, layer_state=None, **kwargs):
-        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), valid, layer_state)
-        return hidden_states + self.mlp(self.ln_2(hidden_states))
+    def forward(self, hidden_states, valid, slots, layer_state=None, output_attentions=False, **kwargs):
+        attn_out, weights = self.attn(self.ln_1(hidden_states), valid, slots, layer_state, output_attentions)
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(self.ln_2(hidden_states)), weights
 
 
 class BSBRPreTrainedModel(PreTrainedModel):
@@ -272,10 +311,18 @@ class BSBRPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BSBRBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
-    # Small modules read as raw weights by the float32 retrieval path: never quantized, float32 under fp16 and bf16.
-    _keep_in_fp32_modules = ["compress_proj"]
-    _keep_in_fp32_modules_strict = ["compress_proj", "retrieval_gate"]
+    # No static cache and no fullgraph compile of cached decoding: the cache grows by one state per completed chunk;
+    # chunks are counted over a 2-D attention_mask, so no custom 4-D masks or packed batches (model card).
+    _can_compile_fullgraph = False
+    # Small modules read as raw weights by the float32 retrieval path: float32 under fp16 and bf16 (and no quantizer
+    # converts them: neither is an nn.Linear). compress_proj exists only with compression_factor > 1 (__init__).
+    _keep_in_fp32_modules_strict = ["retrieval_gate"]
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if (config.compression_factor or 1) > 1:
+            self._keep_in_fp32_modules_strict = [*self._keep_in_fp32_modules_strict, "compress_proj"]
 
     @classmethod
     def _supports_default_dynamic_cache(cls):
@@ -328,14 +375,17 @@ class BSBRModel(BSBRPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         cache=None,
+        return_dict=None,
         **kwargs,
     ):
-        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before)."""
+        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before). Output flags left None
+        come from the config; return_dict=False returns a tuple."""
         cache = pick_cache(cache, past_key_values)
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if output_attentions:
-            raise ValueError("GPT2-BSBR builds no token-by-token attention matrix; output_attentions is not supported")
         if cache is not None and not isinstance(cache, BSBRCache):
             raise TypeError(f"the cache must be a BSBRCache, got {type(cache).__name__}")
         if inputs_embeds is None:
@@ -355,28 +405,32 @@ class BSBRModel(BSBRPreTrainedModel):
 
         # Without a filled cache, move each row's real tokens to the front (layer norms and MLPs act per token, so
         # this commutes with everything but the chunking), which makes every row's chunks start at its first real token.
-        decoding = past_length > 0
-        order = None
-        if not decoding and not bool(real.all()):
-            order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
-            hidden_states = hidden_states.gather(1, order[..., None].expand_as(hidden_states))
-            real = real.gather(1, order)
-        restore = (lambda t: t.scatter(1, order[..., None].expand_as(t), t)) if order is not None else (lambda t: t)
+        # (Always, not only when padding is present: no branch on the data, so torch.compile and torch.export trace it.)
+        slots = torch.arange(past_length, past_length + seq, device=real.device).expand(batch, seq)
+        restore = lambda t: t  # noqa: E731
+        if past_length == 0:
+            slots = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # input position of each compacted token
+            hidden_states = hidden_states.gather(1, slots[..., None].expand_as(hidden_states))
+            real = real.gather(1, slots)
+            restore = lambda t: t.scatter(1, slots[..., None].expand_as(t), t)  # noqa: E731
 
-        all_hidden = []
+        all_hidden, all_attn = [], []
         for i, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden.append(restore(hidden_states))
             layer_state = cache.layers[i] if cache is not None else None
-            hidden_states = block(hidden_states, real, layer_state)
+            hidden_states, weights = block(hidden_states, real, slots, layer_state, output_attentions)
+            all_attn.append(weights)
         hidden_states = restore(self.ln_f(hidden_states))
         if output_hidden_states:
             all_hidden.append(hidden_states)
-        return BaseModelOutputWithPast(
+        output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
             **cache_kwargs(cache),
         )
+        return returned(output, return_dict)
 
     @staticmethod
     def _real_tokens(attention_mask, batch, seq, past_length, device):
@@ -408,6 +462,17 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() gets a BSBRCache from here (transformers' own caches hold keys and values), unless the call
+        brings a cache, turns caching off or asks for a cache_implementation; an assistant model's cache records its
+        past, so that generate() can crop it."""
+        given = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+        if given or generation_config.use_cache is False or generation_config.cache_implementation is not None:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        model_kwargs[CACHE_NAME] = BSBRCache(self.config.n_layer)
+        if generation_config.is_assistant:
+            model_kwargs[CACHE_NAME].activate_past_recording()
+
     def forward(
         self,
         input_ids=None,
@@ -421,10 +486,14 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         output_hidden_states=None,
         logits_to_keep=0,
         cache=None,
+        return_dict=None,
         **kwargs,
     ):
         """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before) and is returned under the
-        running release's name."""
+        running release's name. Output flags left None come from the config; return_dict=False returns a tuple."""
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         out = self.transformer(
             input_ids=input_ids,
             cache=pick_cache(cache, past_key_values),
@@ -434,6 +503,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden = out.last_hidden_state
         hidden = slice_logits_to_keep(hidden, logits_to_keep)
@@ -441,9 +511,11 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, **cache_kwargs(cache_of(out))
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+            **cache_kwargs(cache_of(out)),
         )
+        return returned(output, return_dict)
 
 
 __all__ = ["BSBRForCausalLM", "BSBRModel", "BSBRPreTrainedModel"]

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -34,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..configuration.configuration_dfa import DFAConfig
 from .gpt2_inputs import checked_position_ids
-from .hf_compat import cache_kwargs, cache_of, pick_cache
+from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 
 
 @dataclass
@@ -79,8 +80,17 @@ class EntropyBalance(nn.Module):
         return self.log_weight.exp()
 
 
-class HeadGate(nn.Linear):
-    """Head-gate logits W_g h + b over all original heads; zero-initialised, so g = H * softmax(0) = 1 at conversion."""
+class HeadGate(nn.Module):
+    """Head-gate logits W_g h + b over all original heads; zero-initialised, so g = H * softmax(0) = 1 at conversion.
+    Not an nn.Linear, so quantizers (which replace nn.Linear layers) leave it as it is: float32 under bitsandbytes too."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, hidden_states):
+        return F.linear(hidden_states, self.weight, self.bias)
 
 
 class DFAAttention(nn.Module):
@@ -194,8 +204,8 @@ class DFAPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     # The head gates, the q/k/v mask logits and the entropy weight's log are tiny and scale whole heads or, through
-    # exp(), the regulariser: they stay float32 under fp16, bf16 and bitsandbytes (c_gate is never quantized).
-    _keep_in_fp32_modules = ["c_gate"]
+    # exp(), the regulariser: they stay float32 under fp16 and bf16 (and no quantizer converts them: none is an
+    # nn.Linear).
     _keep_in_fp32_modules_strict = ["c_gate", "dim_masks", "entropy_balance"]
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
 
@@ -253,10 +263,15 @@ class DFAModel(DFAPreTrainedModel):
         output_gates=None,
         output_regularizers=True,
         cache=None,
+        return_dict=None,
         **kwargs,
     ):
-        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before)."""
+        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before). Output flags left None
+        come from the config; return_dict=False returns a tuple."""
         cache = pick_cache(cache, past_key_values)
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -310,7 +325,7 @@ class DFAModel(DFAPreTrainedModel):
             else:
                 gate_entropy = entropy.mean()
             mask_mean = torch.cat([m.flatten() for block in self.h for m in block.attn.dim_masks()]).mean()
-        return DFAModelOutput(
+        output = DFAModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
@@ -319,6 +334,7 @@ class DFAModel(DFAPreTrainedModel):
             gates=tuple(all_gates) if output_gates else None,
             **cache_kwargs(cache),
         )
+        return returned(output, return_dict)
 
     @torch.no_grad()
     def active_dim_fraction(self):
@@ -362,11 +378,16 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
         output_regularizers=None,
         logits_to_keep=0,
         cache=None,
+        return_dict=None,
         **kwargs,
     ):
         """output_regularizers: compute the aux loss and its parts (default: when labels are given or in training;
         generate() skips them, so decoding pays nothing for the regulariser). The cache comes as `cache`
-        (transformers >= 5.24) or `past_key_values` (before) and is returned under the running release's name."""
+        (transformers >= 5.24) or `past_key_values` (before) and is returned under the running release's name.
+        Output flags left None come from the config; return_dict=False returns a tuple."""
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         if output_regularizers is None:
             output_regularizers = labels is not None or self.training
         out = self.transformer(
@@ -380,6 +401,7 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_gates=output_gates,
             output_regularizers=output_regularizers,
+            return_dict=True,
         )
         hidden = out.last_hidden_state
         hidden = slice_logits_to_keep(hidden, logits_to_keep)
@@ -406,7 +428,7 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
                     tokens = (labels[..., 1:] != -100).sum()
                     share = tokens / torch.as_tensor(kwargs["num_items_in_batch"], device=tokens.device).clamp_min(1)
                 loss = ce_loss + aux_loss * share
-        return DFACausalLMOutput(
+        output = DFACausalLMOutput(
             loss=loss,
             logits=logits,
             hidden_states=out.hidden_states,
@@ -419,6 +441,7 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
             gates=out.gates,
             **cache_kwargs(cache_of(out)),
         )
+        return returned(output, return_dict)
 
     @torch.no_grad()
     def prune(self, threshold=None, head_threshold=None, calibration_input_ids=None, calibration_attention_mask=None):

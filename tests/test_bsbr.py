@@ -414,8 +414,6 @@ def test_other_bad_options_and_inputs_are_refused(base4):
         convert_gpt2_to_bsbr(base4, feature_map="relu")
     model, _ = converted(base4)
     ids = torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(input_ids=ids, output_attentions=True)
     with pytest.raises(TypeError, match="BSBRCache"):
         model(input_ids=ids, past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="attention_mask"):

@@ -1,0 +1,195 @@
+"""The Hugging Face model contract (issue 13), per architecture: what transformers' ModelTesterMixin and
+GenerationTesterMixin check on the in-library models, reduced to tiny configs so that CI runs it (the mixins
+themselves run in the conformance harness, /work/shared/hf-conformance, not in CI).
+
+Each architecture is one row of ARCHS; Scaffolded and Bridged join as rows when they take the contract. Tests that
+only apply to one row say so by the row's capabilities, as transformers' mixins do by class attributes.
+"""
+
+import pytest
+import torch
+
+from graftlm.configuration.configuration_bsbr import BSBRConfig
+from graftlm.configuration.configuration_dfa import DFAConfig
+from graftlm.modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
+from graftlm.modeling.modeling_dfa import DFAForCausalLM, DFAModel
+
+TINY = dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=99, bos_token_id=0, eos_token_id=0,
+            pad_token_id=0)
+# name: (config class, causal LM class, base model class, config overrides). BSBR's chunk of 4 makes every test
+# input cross chunks, so retrieval shapes the outputs.
+ARCHS = {
+    "dfa": (DFAConfig, DFAForCausalLM, DFAModel, {}),
+    "bsbr": (BSBRConfig, BSBRForCausalLM, BSBRModel, {"chunk_size": 4}),
+}
+CUSTOM_CACHE = {"bsbr"}  # rows whose generate() cache is their own Cache subclass (crop tests below)
+
+
+def build(arch, model="lm", seed=0, **overrides):
+    config_class, lm_class, base_class, arch_overrides = ARCHS[arch]
+    config = config_class(**{**TINY, **arch_overrides, **overrides})
+    config._attn_implementation = "eager"  # output_attentions needs the explicit weights, as for GPT-2
+    torch.manual_seed(seed)
+    model = (lm_class if model == "lm" else base_class)(config).eval()
+    with torch.no_grad():  # open the identity-initialised modules, so the new architecture shapes the outputs
+        for name, param in model.named_parameters():
+            if "retrieval_gate" in name or "c_gate" in name:
+                param.normal_()
+    return model
+
+
+def batch(seq=11):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, TINY["vocab_size"], (2, seq), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in row 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("model", ["lm", "base"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_return_dict_false_returns_the_tuple_of_set_fields(arch, model):
+    net = build(arch, model)
+    ids, mask = batch()
+    with torch.no_grad():
+        dict_out = net(input_ids=ids, attention_mask=mask)
+        for tuple_out in (net(input_ids=ids, attention_mask=mask, return_dict=False),
+                          build(arch, model, return_dict=False)(input_ids=ids, attention_mask=mask)):
+            assert type(tuple_out) is tuple
+            assert len(tuple_out) == len(dict_out.to_tuple())
+            torch.testing.assert_close(tuple_out[0], dict_out[0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_flags_come_from_the_call_or_else_the_config(arch):
+    ids, mask = batch()
+    with torch.no_grad():
+        plain = build(arch)(input_ids=ids, attention_mask=mask)
+        from_config = build(arch, output_hidden_states=True, output_attentions=True)(input_ids=ids, attention_mask=mask)
+        from_call = build(arch)(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        overridden = build(arch, output_hidden_states=True)(input_ids=ids, attention_mask=mask,
+                                                            output_hidden_states=False)
+    assert plain.hidden_states is None and plain.attentions is None and overridden.hidden_states is None
+    for out in (from_config, from_call):
+        assert len(out.hidden_states) == TINY["n_layer"] + 1
+        assert [a.shape for a in out.attentions] == [(2, TINY["n_head"], ids.shape[1], ids.shape[1])] * TINY["n_layer"]
+        torch.testing.assert_close(out.logits, plain.logits)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"compression_factor": 2}])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_module_lists_name_built_modules_once(arch, overrides):
+    if overrides and arch != "bsbr":
+        pytest.skip("compression_factor is a BSBR option")
+    net = build(arch, **overrides)
+    loose, strict = set(net._keep_in_fp32_modules), set(net._keep_in_fp32_modules_strict)
+    assert strict and not loose & strict
+    names = [name for name, _ in net.named_modules()]
+    for module in loose | strict:
+        assert any(name.split(".")[-1] == module for name in names), module
+    # none of them is an nn.Linear, so no quantizer (they replace nn.Linear layers) converts them
+    assert not any(isinstance(m, torch.nn.Linear) for name, m in net.named_modules() if name.split(".")[-1] in strict)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bsbr_attentions_are_gpt2s_inside_the_chunk(arch):
+    """Where the chunk holds the whole input, the weights are stock GPT-2's (converted: same parameters); with
+    shorter chunks they are its within-chunk weights: rows sum to 1, zero outside the query's chunk."""
+    if arch != "bsbr":
+        pytest.skip("DFA's attentions are GPT-2's own computation (covered by the flags test)")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ids, mask = batch()
+    stock = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in TINY.items()}, attn_implementation="eager")).eval()
+    whole = BSBRForCausalLM(BSBRConfig(**TINY, chunk_size=16)).eval()
+    whole.load_state_dict(stock.state_dict(), strict=False)
+    chunked = build("bsbr")
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        got = whole(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        local = chunked(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[0]
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g[1], e[1])  # the unpadded row
+        torch.testing.assert_close(g[0, :, 3:, 3:], e[0, :, 3:, 3:])  # the padded row's real tokens
+    torch.testing.assert_close(local.sum(-1), torch.ones(local.shape[:-1]))
+    real = torch.arange(3, 11)  # row 0: chunks of 4 over its real tokens, from input position 3
+    chunk_of = torch.full((11,), -1)
+    chunk_of[real] = torch.arange(8) // 4
+    same = chunk_of[:, None] == chunk_of[None, :]
+    assert (local[0][:, real][:, :, ~same[real].any(0)] == 0).all()
+    assert (local[0][:, real[:, None], real[None, :]] * ~same[real][:, real]).abs().max() == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attentions_of_cached_decoding_match_the_full_forward(arch):
+    net = build(arch)
+    ids, mask = batch()
+    with torch.no_grad():
+        full = net(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[-1]
+        out = net(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        cache = out.past_key_values
+        for t in range(6, 11):
+            step = net(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache,
+                       use_cache=True, output_attentions=True)
+            cache = step.past_key_values
+            torch.testing.assert_close(step.attentions[-1][1, :, 0], full[1, :, t, : t + 1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_assisted_decoding_and_prompt_lookup_match_greedy(arch):
+    net = build(arch)
+    ids = batch()[0][:1]
+    greedy = net.generate(ids, max_new_tokens=12, do_sample=False)
+    assisted = net.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=build(arch, seed=1))
+    lookup = net.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(assisted, greedy) and torch.equal(lookup, greedy)
+
+
+@pytest.mark.parametrize("arch", sorted(CUSTOM_CACHE))
+@pytest.mark.parametrize("keep", [3, 6, 8, 10])  # into a prefill (3, 6), into recorded decode steps (8, 10)
+def test_crop_rolls_the_cache_back_exactly(arch, keep):
+    net = build(arch)
+    ids, mask = batch()
+    with torch.no_grad():
+        reference = net(input_ids=ids, attention_mask=mask).logits
+        cache = net(input_ids=ids[:, :7], attention_mask=mask[:, :7], use_cache=True).past_key_values
+        cache.activate_past_recording()  # as generate() does where it crops
+        for t in range(7, 11):  # one decode step each, crossing a chunk boundary
+            net(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+        if keep < 7:  # a prefill of all 11 tokens into an empty cache that records
+            cache = type(cache)(TINY["n_layer"])
+            cache.activate_past_recording()
+            net(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        cache.crop(-(11 - keep))
+        assert cache.get_seq_length() == keep
+        rerun = net(input_ids=ids[:, keep:], attention_mask=mask, past_key_values=cache).logits
+    torch.testing.assert_close(rerun, reference[:, keep:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_prepares_the_cache_and_continues_from_a_returned_one(arch):
+    net = build(arch)
+    ids, mask = batch(6)
+    kwargs = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    full = net.generate(ids, attention_mask=mask, max_new_tokens=8, **kwargs)
+    first = net.generate(ids, attention_mask=mask, max_new_tokens=4, **kwargs)
+    cache = first.past_key_values
+    assert cache is not None and cache.get_seq_length() == ids.shape[1] + 3
+    more = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
+    rest = net.generate(first.sequences, attention_mask=more, past_key_values=cache, max_new_tokens=4, **kwargs)
+    assert torch.equal(rest.sequences, full.sequences)
+    beams = net.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    uncached = net.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0,
+                            use_cache=False)
+    assert torch.equal(beams, uncached)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_uncached_forward_exports_without_graph_breaks(arch):
+    """torch.export needs one graph: no branch on the data (BSBR always compacts its rows in a prefill)."""
+    net = build(arch, model="base")
+    ids, mask = batch(9)
+    kwargs = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    exported = torch.export.export(net, (), kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(**kwargs)[0], net(**kwargs)[0])
