@@ -168,7 +168,7 @@ class BSBRAttention(nn.Module):
         # Local term: causal softmax attention inside each chunk, chunks folded into the head axis.
         fold = (b, h * n_chunks, chunk, d)
         local, weights = self._attend(q.reshape(fold), k.reshape(fold), v.reshape(fold), need_weights=output_attentions)
-        local = local.view(b, h, n_chunks, chunk, d)
+        local = local.reshape(b, h, n_chunks, chunk, d)
 
         # Retrieval term, float32. Padded slots get zero features, so they enter no state or normaliser.
         mask = valid.view(b, 1, n_chunks, chunk, 1).float()
@@ -192,7 +192,8 @@ class BSBRAttention(nn.Module):
         retrieved = numer / denom
 
         gate = self.retrieval_gate().view(1, h, 1, 1, 1)
-        out = (local + gate.to(local.dtype) * retrieved.to(local.dtype)).view(b, h, n_chunks * chunk, d)[:, :, :n]
+        # reshape, not view: on CUDA, SDPA's output can be laid out so that chunks and slots do not merge into a view
+        out = (local + gate.to(local.dtype) * retrieved.to(local.dtype)).reshape(b, h, n_chunks * chunk, d)[:, :, :n]
 
         if layer_state is not None:
             record = dict(kf=kf, vf=vf, kc=k.view(b, h, n_chunks, chunk, d), vc=v.view(b, h, n_chunks, chunk, d),
