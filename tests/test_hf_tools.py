@@ -1,14 +1,21 @@
 """Issue 14: what users run around a model, on exports loaded through their own code (graftlm's classes hidden, as for
 a user without graftlm): generate options that reach forward, assisted decoding, tokenizers without remote code,
-re-saved folders."""
+re-saved folders, model cards (Hub sources, licences, trained models, upload)."""
 
 import contextlib
+import dataclasses
 import io
+import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from testing_utils import MATRIX_ARCHS, is_remote_code, load_remote, remote_code_only
 from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from graftlm import cli
+from graftlm.export import ExportError, render_card
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 ASKS = "Do you wish to run the custom code?"  # transformers' question before running a folder's code
@@ -20,6 +27,11 @@ def tokenizers(folder, arch):
     if arch == "bridge":
         return AutoTokenizer.from_pretrained(folder, subfolder="encoder_tokenizer"), gpt2
     return gpt2, gpt2
+
+
+def card_of(folder):
+    header, body = (folder / "README.md").read_text().split("---\n", 2)[1:]
+    return yaml.safe_load(header), body
 
 
 # ----- generate() options that transformers hands on to forward -----
@@ -114,3 +126,84 @@ def test_resaved_remote_code_folder_is_complete(matrix_exports, arch, tmp_path):
             assert is_remote_code(pipe.model)
             outputs.append(pipe(PROMPT, max_new_tokens=4, do_sample=False))
     assert outputs[0] == outputs[1]
+
+
+# ----- model cards -----
+
+
+def test_card_base_model_names_hub_sources_only(matrix_exports):
+    """base_model holds the Hub ids of the sources, both of Scaffolded's and of Bridged's; a local folder is left out
+    and named in the body by its name, never by its path."""
+    from graftlm.conversion import bridge, scaffold
+
+    local = str(matrix_exports["scaffold"].parent / "base")
+    cards = {
+        "scaffold": (scaffold.ConversionReport(local, "org/scaffold-gpt2", [0, 1], {}, 0.0, 1), "base", "scaffold"),
+        "bridge": (bridge.ConversionReport(local, "org/gpt2", {"bridge_type": "ga"}, 0.0, 0.0, 1, 1), "encoder",
+                   "decoder"),
+    }
+    for arch, (report, first, second) in cards.items():
+        model_card = getattr({"scaffold": scaffold, "bridge": bridge}[arch], "model_card")
+        template, metadata, fields = model_card(report, "me/x")
+        assert metadata["base_model"] == [getattr(report, second)] and fields[first] == "base"
+        card = render_card(template, metadata, fields)
+        assert yaml.safe_load(card.split("---\n")[1])["base_model"] == [getattr(report, second)] and local not in card
+        both = dataclasses.replace(report, **{first: "org/first"})
+        assert model_card(both, "me/x")[1]["base_model"] == ["org/first", getattr(report, second)]
+        local_only = dataclasses.replace(report, **{second: local})
+        assert "base_model" not in yaml.safe_load(render_card(*model_card(local_only, "me/x")).split("---\n")[1])
+
+
+def test_license_other_needs_a_name_and_a_link(matrix_exports, tmp_path, capsys):
+    with pytest.raises(ExportError, match="license_link"):
+        render_card("dfa", {"license": "other", "license_name": "x"}, {})
+    base = matrix_exports["dfa"].parent / "base"
+    args = ["convert", "dfa", "--base", str(base), "--output-dir", str(tmp_path / "x"), "--license", "other"]
+    assert cli.main(args) == 2 and "needs `license_name` and `license_link`" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """HfApi that records the upload instead of reaching the Hub."""
+    import huggingface_hub
+
+    calls = []
+
+    class FakeHfApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id))
+
+        def upload_folder(self, folder_path, **kwargs):
+            calls.append(("upload_folder", sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    return calls
+
+
+def test_train_writes_a_card_with_the_run_and_pushes(matrix_exports, tmp_path, fake_hub, capsys):
+    """`graftlm train` (here dfa; bsbr and bridge share the export step) writes a card with the run's figures and the
+    source card's licence, and --push-to-hub uploads the folder."""
+    import shutil
+
+    from graftlm.demo import offline_text
+
+    source = tmp_path / "source"
+    shutil.copytree(matrix_exports["dfa"], source)
+    (source / "README.md").write_text("---\nlicense: apache-2.0\n---\n\nA card.\n")
+    (tmp_path / "text.txt").write_text(offline_text()[:1500])
+    out = tmp_path / "trained"
+    assert cli.main(["train", "dfa", "--model", str(source), "--text", str(tmp_path / "text.txt"), "--output-dir",
+                     str(out), "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--logging-steps", "1",
+                     "--push-to-hub", "me/dfa-tuned"]) == 0
+    metadata, body = card_of(out)
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    assert metadata["license"] == "apache-2.0" and "base_model" not in metadata  # trained from a local folder
+    assert metadata["pipeline_tag"] == "text-generation" and "custom_code" in metadata["tags"]
+    assert f"| train loss | {metrics['train_loss']:.4g} |" in body and "| steps | 2 |" in body
+    assert 'pipeline("text-generation", model="me/dfa-tuned"' in body
+    assert fake_hub == [("create_repo", "me/dfa-tuned"), ("upload_folder", sorted(p.name for p in out.iterdir()))]
+    assert "README.md" in fake_hub[1][1] and "uploaded to https://huggingface.co/me/dfa-tuned" in capsys.readouterr().out
