@@ -1,11 +1,13 @@
 """Issue 14: what users run around a model, on exports loaded through their own code (graftlm's classes hidden, as for
 a user without graftlm): generate options that reach forward, assisted decoding, tokenizers without remote code,
-re-saved folders, model cards (Hub sources, licences, trained models, upload)."""
+re-saved folders, model cards (Hub sources, licences, trained models, upload), and lm-evaluation-harness's
+perplexity."""
 
 import contextlib
 import dataclasses
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from graftlm import cli
 from graftlm.export import ExportError, render_card
 
+CAUSAL = [arch for arch in MATRIX_ARCHS if arch != "bridge"]
 PROMPT = "The quick brown fox jumps over the lazy dog"
 ASKS = "Do you wish to run the custom code?"  # transformers' question before running a folder's code
 
@@ -207,3 +210,28 @@ def test_train_writes_a_card_with_the_run_and_pushes(matrix_exports, tmp_path, f
     assert 'pipeline("text-generation", model="me/dfa-tuned"' in body
     assert fake_hub == [("create_repo", "me/dfa-tuned"), ("upload_folder", sorted(p.name for p in out.iterdir()))]
     assert "README.md" in fake_hub[1][1] and "uploaded to https://huggingface.co/me/dfa-tuned" in capsys.readouterr().out
+
+
+# ----- lm-evaluation-harness -----
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_eval_perplexity_equals_lm_eval(matrix_exports, arch):
+    """`graftlm eval` scores every token as lm-eval's loglikelihood_rolling does: its perplexity on a text of several
+    windows equals lm-eval's (HFLM on the export, loaded through its own code), to 1e-4."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from graftlm.demo import offline_text
+    from graftlm.evaluation import causal_perplexity
+
+    folder, text = str(matrix_exports[arch]), offline_text()[:1200]
+    with remote_code_only():
+        lm = HFLM(pretrained=folder, trust_remote_code=True, batch_size=1, device="cpu")
+        assert is_remote_code(lm.model) and lm.max_length == 128  # the export's n_positions
+        [log_likelihood] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)],
+                                                    disable_tqdm=True)
+    tokens = len(lm.tok_encode(text))
+    ours = causal_perplexity(folder, [text])
+    assert ours["tokens_scored"] == tokens > 2 * 128
+    assert ours["perplexity"] == pytest.approx(math.exp(-log_likelihood / tokens), rel=1e-4)
