@@ -138,6 +138,8 @@ def training_card(model, args, metrics, metrics_name):
     source = args.model
     card = source_card_metadata(source)
     licence = {key: card.get(key) for key in ("license", "license_name", "license_link")}
+    if licence["license"] == "other" and not (licence["license_name"] and licence["license_link"]):
+        licence = {}  # the Hub needs both with `other` (render_card refuses it without): the body names it alone
     seq2seq = model.config.is_encoder_decoder
     metadata = {
         "library_name": "transformers",
@@ -148,7 +150,7 @@ def training_card(model, args, metrics, metrics_name):
         "tags": ["graftlm", model.config.model_type, "custom_code"],
     }
     data = getattr(args, "text", None) or getattr(args, "data", None)
-    figures = {"trained from": f"`{source_name(source)}`", "training data": f"`{Path(data).name}`"}
+    figures = {"trained from": f"`{source_name(source)}`", "training data": f"`{source_name(data)}`"}
     figures.update({name: getattr(args, name) for name in ("max_steps", "batch_size", "grad_accum", "learning_rate")})
     figures.update({name: value for name, value in metrics.items() if name != "loss_history"})
     history = metrics.get("loss_history") or []
@@ -163,7 +165,7 @@ def training_card(model, args, metrics, metrics_name):
         "pipeline_tag": metadata["pipeline_tag"],
         "repo_id": args.push_to_hub or str(args.output_dir),
         "example": "the cat sat on the mat" if seq2seq else "The meaning of life is",
-        "licence": " ".join(f"`{card[key]}`" for key in ("license", "license_name") if card.get(key))
-        or "not stated in its card",
+        "licence": (f"`{card['license']}`" + (f" (`{card['license_name']}`)" if card.get("license_name") else "")
+                    if card.get("license") else "not stated in its card"),
     }
     return "trained", metadata, fields
