@@ -16,6 +16,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import GenerationConfig, GPT2Config
 
 from ..configuration.configuration_bridge import BRIDGE_TYPES, BridgeConfig
+from ..export import hub_ids, source_name
 from ..modeling.modeling_bridge import BridgeForConditionalGeneration
 from ..modeling.pipeline_bridge import CUSTOM_PIPELINES, ENCODER_TOKENIZER_SUBFOLDER
 from .common import (
@@ -188,17 +189,18 @@ def model_card(report, repo_id):
     options, new_modules = card_tables(report)
     metadata = {
         "library_name": "transformers",
-        "base_model": [report.encoder, report.decoder],
+        "base_model": hub_ids(report.encoder, report.decoder),
         # The weights combine two checkpoints (e.g. BERT: Apache-2.0, GPT-2: MIT), so both licences apply; the
         # converter cannot read them offline. `graftlm convert ... --license ID` states the one to publish under.
         "license": "other",
         "license_name": "encoder-and-decoder-licences",
+        "license_link": "README.md#licence",  # the card's Licence section, which names both sources
         "pipeline_tag": "text2text-generation",
         "tags": ["graftlm", "bert-gpt2-bridge", "bert", "gpt2", "encoder-decoder", "custom_code"],
     }
     fields = {
-        "encoder": report.encoder,
-        "decoder": report.decoder,
+        "encoder": source_name(report.encoder),
+        "decoder": source_name(report.decoder),
         "bridge_type": report.options["bridge_type"],
         "options": options,
         "encoder_fidelity": f"{report.encoder_max_abs_delta:.3g}",

@@ -19,6 +19,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from ..configuration.configuration_bsbr import FEATURE_MAPS, BSBRConfig
+from ..export import hub_ids, source_name
 from ..modeling.modeling_bsbr import BSBRForCausalLM, block_average
 from .common import ConversionError, card_tables, copy_weights, load_stock_gpt2, max_logit_delta, probe_batch
 
@@ -200,13 +201,13 @@ def model_card(report, repo_id, config):
         positions = f"{report.n_positions}, GPT-2's learned table unchanged"
     metadata = {
         "library_name": "transformers",
-        "base_model": report.base,
+        "base_model": hub_ids(report.base),
         "license": "mit",
         "pipeline_tag": "text-generation",
         "tags": ["graftlm", "gpt2-bsbr", "gpt2", "long-context", "custom_code"],
     }
     fields = {
-        "base": report.base,
+        "base": source_name(report.base),
         "options": options,
         "chunk_delta": f"{report.chunk_delta:.3g}",
         "chunk_probe_length": report.chunk_probe_length,

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..configuration.configuration_dfa import DFAConfig
+from ..export import hub_ids, source_name
 from ..modeling.modeling_dfa import DFAForCausalLM
 from .common import ConversionError, card_tables, copy_weights, load_stock_gpt2, max_logit_delta, probe_batch
 
@@ -82,13 +83,13 @@ def model_card(report, repo_id):
     options, new_modules = card_tables(report)
     metadata = {
         "library_name": "transformers",
-        "base_model": report.base,
+        "base_model": hub_ids(report.base),
         "license": "mit",
         "pipeline_tag": "text-generation",
         "tags": ["graftlm", "gpt2-dfa", "gpt2", "custom_code"],
     }
     fields = {
-        "base": report.base,
+        "base": source_name(report.base),
         "options": options,
         "fidelity": f"{report.max_abs_logit_delta:.3g}",
         "num_parameters": f"{report.num_parameters:,}",

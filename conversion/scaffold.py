@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from huggingface_hub.errors import StrictDataclassError
 
 from ..configuration.configuration_scaffold import LORA_TARGETS, ScaffoldConfig
+from ..export import hub_ids, source_name
 from ..modeling.modeling_scaffold import ScaffoldForCausalLM
 from .common import (
     ConversionError,
@@ -131,14 +132,14 @@ def model_card(report, repo_id):
     options, new_modules = card_tables(report)
     metadata = {
         "library_name": "transformers",
-        "base_model": report.base,
+        "base_model": hub_ids(report.base, report.scaffold),
         "license": "mit",
         "pipeline_tag": "text-generation",
         "tags": ["graftlm", "gpt2-scaffold", "gpt2", "lora", "cross-attention", "custom_code"],
     }
     fields = {
-        "base": report.base,
-        "scaffold": report.scaffold,
+        "base": source_name(report.base),
+        "scaffold": source_name(report.scaffold),
         "layers": ", ".join(str(i) for i in report.cross_attn_layers),
         "options": options,
         "fidelity": f"{report.max_abs_logit_delta:.3g}",

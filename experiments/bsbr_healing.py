@@ -144,7 +144,7 @@ def run(args):
         "chunk_size": args.chunk_size, "seq_len": args.seq_len, "stock_steps": args.stock_steps,
         "heal_steps": args.heal_steps, "conversion_chunk_delta": report.chunk_delta,
         "conversion_block_delta": report.block_delta, "healing": healing, "perplexity": perplexity,
-        "eval_tokens": evaluate_perplexity(stock, eval_text, max_length=max(args.lengths))["tokens_scored"] + 1,
+        "eval_tokens": evaluate_perplexity(stock, eval_text, max_length=max(args.lengths))["tokens_scored"],
         "timings_s": timings,
     }
     (out / "bsbr_healing.json").write_text(json.dumps(results, indent=2), encoding="utf-8")

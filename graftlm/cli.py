@@ -46,13 +46,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_export_arguments(parser):
+    from .export import add_hub_arguments
+
     group = parser.add_argument_group("export")
     group.add_argument("--output-dir", required=True, help="folder to write the Hub-ready export into")
     group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    group.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the export to this Hub repo")
-    group.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    group.add_argument("--token", help="Hub token (default: the cached login or HF_TOKEN)")
-    group.add_argument("--commit-message", help="commit message of the upload")
+    add_hub_arguments(group)
     group.add_argument("--license", metavar="ID",
                        help="Hub licence identifier for the model card (default: the source checkpoints' licence as "
                             "the converter knows it: mit for GPT-2 conversions, other for Bridged, whose weights "
@@ -60,23 +59,21 @@ def _add_export_arguments(parser):
 
 
 def run_convert(args):
-    from .export import check_output_args, export_model, push_to_hub
+    from .export import check_output_args, export_model, push_from_args
 
     check_output_args(args)  # fail before converting anything
     converter = importlib.import_module(CONVERTERS[args.arch])
     model, tokenizers, card_builder = converter.convert_from_args(args)
     repo_id = args.push_to_hub or str(args.output_dir)
     template, metadata, fields = card_builder(repo_id)
-    if args.license:
-        metadata = {key: value for key, value in metadata.items() if key != "license_name"}
+    if args.license and args.license != metadata.get("license"):
+        metadata = {key: value for key, value in metadata.items() if key not in ("license_name", "license_link")}
         metadata["license"] = args.license
     folder = export_model(
         model, args.output_dir, tokenizers=tokenizers, card=(template, metadata, fields), overwrite=args.overwrite
     )
     print(f"exported to {folder}")
-    if args.push_to_hub:
-        push_to_hub(folder, args.push_to_hub, private=args.private, token=args.token, commit_message=args.commit_message)
-        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
+    push_from_args(folder, args)
 
 
 def run_generate(args):

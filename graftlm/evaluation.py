@@ -1,5 +1,5 @@
-"""Perplexity of a causal LM on a text file, in strided windows (the sliding-window method of the
-transformers perplexity guide: each window scores only the tokens the previous window did not)."""
+"""Perplexity of a causal LM on a text file, scored as lm-evaluation-harness scores it (rolling log-likelihood:
+every token, the first one from an eos/bos prefix token, in rolling windows), and of a seq2seq model on pairs."""
 
 import math
 from pathlib import Path
@@ -10,37 +10,51 @@ from tqdm.auto import tqdm
 from .inputs import check_model_folder, read_jsonl, read_text
 
 
+def rolling_windows(num_tokens, max_length, stride):
+    """(start, end, new) of each window over [prefix] + tokens: the model reads positions start..end-1 and its last
+    `new` predictions score tokens end-new..end-1 (0-based, without the prefix). Every token is scored once.
+
+    lm-evaluation-harness 0.4.13, lm_eval/utils.py: get_rolling_token_windows(tokens, prefix_token, max_seq_len,
+    context_len) then make_disjoint_window, as HFLM.loglikelihood_rolling calls them (context_len=1). The first window
+    reads the prefix and the first max_length - 1 tokens and scores all its max_length predictions; each later window
+    reads the max_length positions before its end and scores its last `stride` predictions (lm-eval's pred_len =
+    max_seq_len - context_len + 1, so stride = max_length is its context_len=1: disjoint windows, the first token of
+    a window predicted from the one token before it).
+    """
+    end = min(max_length, num_tokens)
+    windows = [(0, end, end)]
+    while end < num_tokens:
+        new = min(num_tokens - end, stride)
+        end += new
+        windows.append((end - max_length, end, new))
+    return windows
+
+
 @torch.no_grad()
-def perplexity(model, input_ids, max_length, stride=None, progress=False):
-    """exp(mean NLL) of `input_ids` (1-D LongTensor) under `model`, scored in windows of `max_length`."""
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    stride = max_length if stride is None else stride
+def perplexity(model, input_ids, max_length, stride=None, prefix_token_id=None, progress=False):
+    """(exp(mean NLL), number of tokens) of every token of `input_ids` (1-D LongTensor) under `model`, the first one
+    predicted from `prefix_token_id`, in the windows of rolling_windows (stride default: max_length)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    stride = stride or max_length
     if not 1 <= stride <= max_length:
         raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
-    if input_ids.numel() < 2:
-        raise ValueError("the text has fewer than 2 tokens")
+    if input_ids.numel() < 1:
+        raise ValueError("the text has no tokens")
+    if prefix_token_id is None:
+        raise ValueError("the first token is predicted from a prefix token: give the tokenizer's bos or eos id")
     device = next(model.parameters()).device
-    total_nll, total_tokens, previous_end = 0.0, 0, 0
-    starts = range(0, input_ids.numel() - 1, stride)
-    for start in tqdm(starts, desc="perplexity", disable=not progress):
-        end = min(start + max_length, input_ids.numel())
-        window = input_ids[start:end][None].to(device)
-        labels = window.clone()
-        labels[:, : max(previous_end - start, 0)] = -100  # tokens already scored by the previous window
-        logits = model(input_ids=window, use_cache=False).logits.float()
-        scored = labels[:, 1:] != -100
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored], labels[:, 1:][scored], reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int(scored.sum())
-        previous_end = end
-        if end == input_ids.numel():
-            break
-    return math.exp(total_nll / total_tokens), total_tokens
+    sequence = torch.cat([input_ids.new_tensor([prefix_token_id]), input_ids]).to(device)
+    total_nll = 0.0
+    for start, end, new in tqdm(rolling_windows(input_ids.numel(), max_length, stride), desc="perplexity",
+                                disable=not progress):
+        logits = model(input_ids=sequence[None, start:end], use_cache=False).logits[0, -new:].float()
+        total_nll += torch.nn.functional.cross_entropy(logits, sequence[end - new + 1 : end + 1], reduction="sum").item()
+    return math.exp(total_nll / input_ids.numel()), input_ids.numel()
 
 
 def causal_perplexity(name_or_path, texts, max_length=None, stride=None, trust_remote_code=False):
-    """Perplexity of a causal LM on each text (strided windows) and over all of them (tokens pooled)."""
+    """Perplexity of a causal LM on each text (every token, rolling windows) and over all of them (tokens pooled)."""
     from .inference import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
@@ -52,10 +66,12 @@ def causal_perplexity(name_or_path, texts, max_length=None, stride=None, trust_r
     max_length = n_positions if max_length is None else max_length
     if max_length > n_positions:
         raise ValueError(f"max_length={max_length} is longer than the n_positions={n_positions} of {name_or_path}")
+    # lm-eval's prefix token: the tokenizer's bos, else its eos (HFLM.prefix_token_id).
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     perplexities, total_nll, total_tokens = [], 0.0, 0
     for text in tqdm(texts, desc="texts", disable=len(texts) < 2):
         ppl, tokens = perplexity(model, tokenizer(text, return_tensors="pt").input_ids[0], max_length, stride,
-                                 progress=len(texts) == 1)
+                                 prefix, progress=len(texts) == 1)
         perplexities.append(ppl)
         total_nll, total_tokens = total_nll + math.log(ppl) * tokens, total_tokens + tokens
     return {"perplexity": math.exp(total_nll / total_tokens), "perplexities": perplexities,
@@ -128,7 +144,7 @@ def evaluate_perplexity(name_or_path, text_file=None, max_length=None, stride=No
                         pairs_file=None, sources_file=None, targets_file=None):
     """`graftlm eval`: perplexity through graftlm's evaluate metric modules; returns a JSON-ready dict.
 
-    Causal LMs: the UTF-8 `text_file` in strided windows. Seq2seq models: targets given sources, from a JSONL
+    Causal LMs: every token of the UTF-8 `text_file`, in rolling windows (as lm-evaluation-harness scores it). Seq2seq models: targets given sources, from a JSONL
     `pairs_file` (src/tgt) or from `sources_file` + `targets_file` (one text per line)."""
     import evaluate
     from transformers import AutoConfig

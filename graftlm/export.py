@@ -188,8 +188,25 @@ def _yaml_value(value):
     return f" {value}"
 
 
+def hub_ids(*sources):
+    """A card's `base_model`: the Hub ids among the checkpoints a model was made from. A local folder has no Hub id
+    (its path names a folder of the machine that converted the model), so it is left out; see source_name."""
+    return [str(source) for source in sources if not Path(source).exists()]
+
+
+def source_name(source):
+    """How a card's body names a source checkpoint: its Hub id, or a local folder by its name alone (its path would
+    name a folder of the converting machine)."""
+    return Path(source).name if Path(source).exists() else str(source)
+
+
 def render_card(template_name, metadata, fields):
-    """Render model_cards/<template_name>.md: YAML metadata from `metadata`, body with $placeholders from `fields`."""
+    """Render model_cards/<template_name>.md: YAML metadata from `metadata` (keys whose value is None or empty are
+    left out), body with $placeholders from `fields`."""
+    metadata = {key: value for key, value in metadata.items() if value not in (None, [], "")}
+    if metadata.get("license") == "other" and not {"license_name", "license_link"} <= set(metadata):
+        raise ExportError("a model card with `license: other` needs `license_name` and `license_link` (the Hub "
+                          "shows them); give a licence identifier instead, e.g. --license mit")
     template = Template(resources.files("graftlm.model_cards").joinpath(f"{template_name}.md").read_text("utf-8"))
     try:
         body = template.substitute({k: str(v) for k, v in fields.items()})
@@ -278,6 +295,21 @@ def _exchange(a, b):
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), str(b))
+
+
+def add_hub_arguments(parser):
+    """The upload options of every command that exports a model (convert, train)."""
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the export to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--token", help="Hub token (default: the cached login or HF_TOKEN)")
+    parser.add_argument("--commit-message", help="commit message of the upload")
+
+
+def push_from_args(folder, args):
+    """Upload `folder` if the command was given --push-to-hub (add_hub_arguments)."""
+    if args.push_to_hub:
+        push_to_hub(folder, args.push_to_hub, private=args.private, token=args.token, commit_message=args.commit_message)
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
 
 
 def push_to_hub(folder, repo_id, *, private=False, token=None, commit_message=None):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .export import add_hub_arguments
 from .inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .modeling.pipeline_bridge import ENCODER_TOKENIZER_SUBFOLDER
 from .training import add_trainer_options, export_trained, loss_history, trainer_arguments
@@ -124,6 +125,7 @@ def add_arguments(parser):
     parser.add_argument("--tgt-column", default="tgt")
     parser.add_argument("--output-dir", required=True, help="folder for the trained, exported model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_hub_arguments(parser)
     parser.add_argument("--max-source-length", type=POSITIVE_INT, default=128)
     parser.add_argument("--max-target-length", type=POSITIVE_INT, default=128)
     parser.add_argument("--max-steps", type=POSITIVE_INT, default=500)

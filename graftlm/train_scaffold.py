@@ -493,6 +493,8 @@ class ScaffoldSession:
 
 
 def add_arguments(parser):
+    from .export import add_hub_arguments
+
     defaults = TrainingOptions()
     parser.add_argument("model", help="Scaffolded GPT-2 folder (from `graftlm convert scaffold` or an earlier run)")
     parser.add_argument("--data", required=True,
@@ -504,6 +506,7 @@ def add_arguments(parser):
     parser.add_argument("--output-dir", required=True, help="folder for the trained, Hub-ready export")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty output folder, and start the checkpoints of an earlier run afresh")
+    add_hub_arguments(parser)
     parser.add_argument("--adapter", choices=["merged", "separate"], default="merged",
                         help="merge LoRA into the scaffold's weights, or keep it apart in scaffold_adapter/")
     parser.add_argument("--checkpoint-dir", help="per-epoch checkpoints (default: <output-dir>-checkpoints)")
@@ -522,7 +525,7 @@ def main(args):
     from accelerate import PartialState
 
     from .conversion.common import load_tokenizer
-    from .export import check_output_args, export_model
+    from .export import check_output_args, export_model, push_from_args
     from .modeling.modeling_scaffold import ScaffoldForCausalLM
 
     option_names = set(TrainingOptions.__dataclass_fields__)
@@ -549,11 +552,12 @@ def main(args):
     if PartialState().is_main_process:
         if args.adapter == "merged":
             model.merge_lora()
-        card = training_card(model, result, args.adapter, len(train_pairs), str(args.output_dir))
+        card = training_card(model, result, args.adapter, len(train_pairs), args.push_to_hub or str(args.output_dir))
         folder = export_model(model, args.output_dir, tokenizers={"": tokenizer}, card=card, overwrite=args.overwrite)
         print(f"validation loss {result.initial_valid_loss:.4f} -> {result.best_valid_loss:.4f} "
               f"after {result.epochs_run} epoch(s){' (early stop)' if result.stopped_early else ''}")
         print(f"exported to {folder}")
+        push_from_args(folder, args)
     PartialState().wait_for_everyone()
 
 

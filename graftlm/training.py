@@ -1,8 +1,9 @@
 """Pieces the Trainer-based training commands share (`graftlm train dfa`, `graftlm train bsbr`, `graftlm train bridge`):
-token windows of a text file, the common command-line options, the optimizer with per-module learning rates, and the
-per-step losses they write as JSON."""
+token windows of a text file, the common command-line options, the optimizer with per-module learning rates, the
+per-step losses they write as JSON, and the trained model's export with its card (and upload)."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -54,10 +55,13 @@ def make_optimizer(model, learning_rate, own_learning_rates, weight_decay=0.01):
 
 def add_text_training_arguments(parser, model_help, max_steps=200, learning_rate=3e-4):
     """Options of the causal-LM text commands (train dfa, train bsbr); each adds its own beside these."""
+    from .export import add_hub_arguments
+
     parser.add_argument("--model", required=True, help=model_help)
     parser.add_argument("--text", required=True, help="UTF-8 training text file")
     parser.add_argument("--output-dir", required=True, help="folder for the trained, exported model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_hub_arguments(parser)
     parser.add_argument("--max-steps", type=POSITIVE_INT, default=max_steps)
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="windows per device and step")
     parser.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
@@ -109,15 +113,78 @@ def loss_history(trainer):
 
 
 def export_trained(trainer, model, args, tokenizers, metrics, metrics_name="training_metrics.json"):
-    """On the main process only (the others return None): export the trained model to --output-dir with `metrics`
-    as JSON beside it, print them, and return the folder."""
-    from .export import export_model
+    """On the main process only (the others return None): export the trained model to --output-dir with its card and
+    `metrics` as JSON beside it, print them, upload with --push-to-hub, and return the folder."""
+    from .export import export_model, push_from_args
 
     if not trainer.is_world_process_zero():
         return None
     model.eval()
-    folder = export_model(model, args.output_dir, tokenizers=tokenizers, overwrite=args.overwrite,
+    card = training_card(model, args, metrics, metrics_name)
+    folder = export_model(model, args.output_dir, tokenizers=tokenizers, card=card, overwrite=args.overwrite,
                           files={metrics_name: json.dumps(metrics, indent=2)})
     print(json.dumps(metrics, indent=2))
     print(f"exported to {folder}")
+    push_from_args(folder, args)
     return folder
+
+
+def source_card_metadata(name_or_path):
+    """The YAML metadata of the card of a local folder or Hub repo ({} when it has none or cannot be reached)."""
+    from huggingface_hub import hf_hub_download, metadata_load
+    from huggingface_hub.errors import EntryNotFoundError
+
+    path = Path(name_or_path) / "README.md"
+    if not Path(name_or_path).exists():
+        try:
+            path = Path(hf_hub_download(str(name_or_path), "README.md"))
+        except (OSError, EntryNotFoundError):  # offline, or a repo without a card
+            return {}
+    return (metadata_load(path) or {}) if path.is_file() else {}
+
+
+def _figure(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def training_card(model, args, metrics, metrics_name):
+    """(template, metadata, fields) of the card of a model trained by `graftlm train dfa|bsbr|bridge`: the run's
+    figures; `base_model` is the Hub id of the model it was trained from (a local folder has none and is named in the
+    body), and the licence is that model card's."""
+    from . import registry
+    from .export import hub_ids, source_name
+
+    source = args.model
+    card = source_card_metadata(source)
+    licence = {key: card.get(key) for key in ("license", "license_name", "license_link")}
+    if licence["license"] == "other" and not (licence["license_name"] and licence["license_link"]):
+        licence = {}  # the Hub needs both with `other` (render_card refuses it without): the body names it alone
+    seq2seq = model.config.is_encoder_decoder
+    metadata = {
+        "library_name": "transformers",
+        "base_model": hub_ids(source),
+        "base_model_relation": "finetune" if hub_ids(source) else None,
+        **licence,
+        "pipeline_tag": "text2text-generation" if seq2seq else "text-generation",
+        "tags": ["graftlm", model.config.model_type, "custom_code"],
+    }
+    data = getattr(args, "text", None) or getattr(args, "data", None)
+    figures = {"trained from": f"`{source_name(source)}`", "training data": f"`{source_name(data)}`"}
+    figures.update({name: getattr(args, name) for name in ("max_steps", "batch_size", "grad_accum", "learning_rate")})
+    figures.update({name: value for name, value in metrics.items() if name != "loss_history"})
+    history = metrics.get("loss_history") or []
+    if history:
+        figures["logged loss, first -> last step"] = f"{history[0]['loss']:.4g} -> {history[-1]['loss']:.4g}"
+    fields = {
+        "model_type": model.config.model_type,
+        "source": source_name(source),
+        "command": registry.get(model.config.model_type).name,
+        "figures": "\n".join(f"| {name.replace('_', ' ')} | {_figure(value)} |" for name, value in figures.items()),
+        "metrics_file": metrics_name,
+        "pipeline_tag": metadata["pipeline_tag"],
+        "repo_id": args.push_to_hub or str(args.output_dir),
+        "example": "the cat sat on the mat" if seq2seq else "The meaning of life is",
+        "licence": (f"`{card['license']}`" + (f" (`{card['license_name']}`)" if card.get("license_name") else "")
+                    if card.get("license") else "not stated in its card"),
+    }
+    return "trained", metadata, fields

@@ -6,6 +6,7 @@ files and reads the facts that differ between releases from the running one, ins
 - the name of the cache: `past_key_values` up to 5.23, `cache` from 5.24 on (model arguments, model outputs and
   GPT-2's own modules; 5.24 keeps the old name as a deprecated alias until 5.40). CACHE_NAME is the running
   release's name, read from its own output class; forwards accept either name and return the running one.
+- the generate() arguments that reach every forward: GENERATE_KWARGS (see check_forward_kwargs).
 - the supported range: SUPPORTED_TRANSFORMERS, the range pyproject.toml declares (a test keeps them equal). Under
   a release outside it, importing this module logs a warning once per process, naming the range and the running
   version.
@@ -50,6 +51,19 @@ def pick_cache(cache, past_key_values):
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
     return cache if cache is not None else past_key_values
+
+
+# generate() arguments that transformers' decoding loops (_sample, _beam_search: `**model_kwargs`) hand on to every
+# forward call, e.g. `tokenizer` for stop_strings. Stock models swallow them in **kwargs.
+GENERATE_KWARGS = frozenset({"tokenizer", "assistant_tokenizer"})
+
+
+def check_forward_kwargs(model, kwargs, accepted=()):
+    """Ignore the generate() arguments (GENERATE_KWARGS) and `accepted`; any other keyword argument a forward did not
+    name is misspelt: TypeError naming it."""
+    unknown = sorted(set(kwargs) - GENERATE_KWARGS - set(accepted))
+    if unknown:
+        raise TypeError(f"{type(model).__name__}.forward got unknown argument(s): {', '.join(unknown)}")
 
 
 def cache_kwargs(cache):

@@ -27,7 +27,12 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from ..configuration.configuration_bridge import BridgeConfig
 from .bridge_decoding import AdaptiveLogitsProcessor, expand_controls, likelihood_control_loss, prior_control_loss
 from .bridge_layers import BRIDGES, DecodingControls, GABridge, PopulationBridge
-from .hf_compat import cache_kwargs, cache_of, pick_cache
+from .hf_compat import cache_kwargs, cache_of, check_forward_kwargs, pick_cache
+
+# The text2text-generation pipeline that config.json names (custom_pipelines) is part of this model's code: imported
+# here, so that save_pretrained of a model loaded through trust_remote_code copies pipeline_bridge.py with this file
+# (transformers copies a remote-code module and its relative imports; nothing else).
+from .pipeline_bridge import BridgeText2TextPipeline  # noqa: F401
 
 
 @dataclass
@@ -202,9 +207,7 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
         under the running release's name.
         """
         cache = pick_cache(cache, past_key_values)
-        unknown = sorted(set(kwargs) - {"position_ids", "decoder_position_ids", "cache_position"})
-        if unknown:
-            raise TypeError(f"{type(self).__name__}.forward got unexpected argument(s): {', '.join(unknown)}")
+        check_forward_kwargs(self, kwargs, ("position_ids", "decoder_position_ids", "cache_position"))
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask, token_type_ids, inputs_embeds,
                                           output_attentions=output_attentions, output_hidden_states=output_hidden_states)

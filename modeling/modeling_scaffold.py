@@ -38,7 +38,7 @@ from transformers.utils import TransformersKwargs, cached_file
 
 from ..configuration.configuration_scaffold import ScaffoldConfig
 from .gpt2_inputs import checked_position_ids
-from .hf_compat import cache_kwargs, pick_cache
+from .hf_compat import cache_kwargs, check_forward_kwargs, pick_cache
 from .scaffold_lora import (
     ADAPTER_SUBFOLDER,
     ADAPTER_WEIGHTS,
@@ -59,8 +59,30 @@ class ScaffoldContext:
 
     states: torch.Tensor  # (batch, scaffold_len, scaffold n_embd)
     mask: torch.Tensor | None  # (batch, scaffold_len), 1 = real token
-    source: object = None  # the tensor the states came from, to recognise later calls of the same generate
+    source: object = None  # the tensor the states came from, to recognise later calls with the same inputs
     kv: dict = field(default_factory=dict)  # fuser layer -> (key, value), each (batch, heads, scaffold_len, head_dim)
+
+    def for_batch(self, batch):
+        """This context for `batch` rows: generate() repeats each prompt's row for beams and num_return_sequences
+        (consecutive rows, repeat_interleave), and each prompt's scaffold states are repeated the same way."""
+        rows = self.states.shape[0]
+        if batch == rows:
+            return self
+        if batch % rows:
+            raise ValueError(f"scaffold batch {rows} != input batch {batch}")
+        repeat = batch // rows
+        mask = None if self.mask is None else self.mask.repeat_interleave(repeat, 0)
+        return ScaffoldContext(self.states.repeat_interleave(repeat, 0), mask, self.source)
+
+
+@dataclass
+class ScaffoldGeneration:
+    """What one generate() call fixes for every forward it makes: the scaffold weight and the prompt's scaffold states.
+    Held by the model while generate() runs, so that they are no model kwargs (which transformers would also hand to
+    an assistant model, generate(..., assistant_model=...))."""
+
+    weight: float
+    context: ScaffoldContext | None  # None at scaffold_weight = 0
 
 
 class ScaffoldFuser(GradientCheckpointingLayer):
@@ -147,6 +169,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         self.base = GPT2LMHeadModel(config.base_config)
         self.scaffold = GPT2LMHeadModel(config.scaffold_config)
         self.fusers = nn.ModuleDict({str(i): ScaffoldFuser(config, i) for i in config.cross_attn_layers})
+        self._generating = None  # a ScaffoldGeneration while generate() runs
         self.post_init()
         self._set_trainable()
 
@@ -235,7 +258,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         return out.last_hidden_state
 
     def _scaffold_context(self, input_ids, attention_mask, scaffold_input_ids, scaffold_attention_mask,
-                          scaffold_states, cache, past_length):
+                          scaffold_states, cache, past_length, batch):
         stored = getattr(cache, "scaffold_context", None)
         given = scaffold_states if scaffold_states is not None else scaffold_input_ids
         if scaffold_states is not None and scaffold_input_ids is not None:
@@ -247,6 +270,12 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
                     "only with an empty cache"
                 )
             return stored
+        if given is None and self._generating is not None and self._generating.context is not None:
+            # Inside generate(): the prompt's states, not model kwargs (those would reach an assistant model too).
+            context = self._generating.context = self._generating.context.for_batch(batch)
+            if cache is not None:
+                cache.scaffold_context = context
+            return context
         if scaffold_states is not None:
             states, mask = scaffold_states, scaffold_attention_mask
         else:
@@ -304,15 +333,16 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         """Causal-LM forward of the base GPT-2 with the scaffold fused in.
 
         scaffold_input_ids / scaffold_attention_mask: what the scaffold reads (default: input_ids itself).
-        scaffold_states: precomputed scaffold states instead (generate passes them), with scaffold_attention_mask.
+        scaffold_states: precomputed scaffold states instead, with scaffold_attention_mask. Without any of these,
+            inside generate(), the prompt's states that generate() computed (repeated for beams) are read.
         scaffold_weight: in [0, 1], scales every fuser (default 1); 0 skips the scaffold and gives the base exactly.
         The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before) and is returned under the
         running release's name.
         """
         cache = pick_cache(cache, past_key_values)
-        unknown = sorted(set(kwargs) - set(TransformersKwargs.__optional_keys__))
-        if unknown:
-            raise TypeError(f"ScaffoldForCausalLM.forward got unknown argument(s): {', '.join(unknown)}")
+        check_forward_kwargs(self, kwargs, TransformersKwargs.__optional_keys__)
+        if scaffold_weight is None and self._generating is not None:
+            scaffold_weight = self._generating.weight
         loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -335,7 +365,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         if weight > 0:
             context = self._scaffold_context(
                 input_ids, attention_mask, scaffold_input_ids, scaffold_attention_mask,
-                scaffold_states, cache, past_length,
+                scaffold_states, cache, past_length, batch,
             )
             if context.states.shape[0] != batch:
                 raise ValueError(f"scaffold batch {context.states.shape[0]} != input batch {batch}")
@@ -393,25 +423,24 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         scaffold_weight: in [0, 1] (default 1), reaches every forward; 0 gives the base's own generations.
         truncate_repeats: n (the seed used 3) cuts each continuation before the first n-gram it repeats, filling
             the rest with the pad token; no_repeat_ngram_size and every other generate option pass through.
-        scaffold_input_ids / scaffold_attention_mask: what the scaffold reads instead of the prompt.
+        scaffold_input_ids / scaffold_attention_mask (or scaffold_states): what the scaffold reads instead of the
+            prompt. The states and the weight stay with the model while generate() runs (ScaffoldGeneration).
         """
         weight = _check_weight(scaffold_weight)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if truncate_repeats is not None and (isinstance(truncate_repeats, bool) or not isinstance(truncate_repeats, int)
                                              or truncate_repeats < 1):
             raise ValueError(f"truncate_repeats must be a positive integer n-gram size, got {truncate_repeats!r}")
-        if weight > 0 and kwargs.get("scaffold_states") is None:
-            scaffold_ids = kwargs.pop("scaffold_input_ids", None)
-            scaffold_mask = kwargs.pop("scaffold_attention_mask", None)
-            if scaffold_ids is None:
-                if input_ids is None:
-                    raise ValueError("generate needs input_ids (or scaffold_input_ids) for the scaffold to read")
-                scaffold_ids, scaffold_mask = input_ids, kwargs.get("attention_mask")
+        scaffold = [kwargs.pop(k, None) for k in ("scaffold_input_ids", "scaffold_attention_mask", "scaffold_states")]
+        context = None
+        if weight > 0:
             with torch.no_grad():
-                kwargs["scaffold_states"] = self.scaffold_states(scaffold_ids, scaffold_mask)
-            kwargs["scaffold_attention_mask"] = scaffold_mask
-        kwargs["scaffold_weight"] = weight
-        output = super().generate(inputs, generation_config, **kwargs)
+                context = self._scaffold_context(input_ids, kwargs.get("attention_mask"), *scaffold, None, 0, None)
+        self._generating = ScaffoldGeneration(weight, context)
+        try:
+            output = super().generate(inputs, generation_config, **kwargs)
+        finally:
+            self._generating = None
         if truncate_repeats is None:
             return output
         config = generation_config or self.generation_config

@@ -397,9 +397,11 @@ def test_convert_cli_export_loads_in_a_fresh_process_with_remote_code(gpt2_dir, 
                      "population", "--pop-size", "3", "--controls", "--output-dir", str(out)])
     assert code == 0
     card = (out / "README.md").read_text()
-    for key in ("library_name: transformers", "pipeline_tag: text2text-generation", "license:", "tags:", "base_model:"):
+    for key in ("library_name: transformers", "pipeline_tag: text2text-generation", "license:", "tags:"):
         assert key in card
+    assert "base_model:" not in card and "site-packages" not in card  # both sources are local folders
     assert "license: other" in card and "license_name: encoder-and-decoder-licences" in card  # two sources' licences
+    assert "license_link: README.md#licence" in card and "\n## Licence\n" in card
     assert "crossattention.c_proj" in card and "bridge" in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     model = AutoModelForSeq2SeqLM.from_pretrained(out)

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -52,7 +53,8 @@ def test_model_card_has_metadata_fidelity_and_a_snippet_that_runs(dfa, tmp_path)
     metadata = yaml.safe_load(header)
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "text-generation"
-    assert metadata["base_model"] == str(dfa[1].base)
+    assert "base_model" not in metadata  # converted from a local folder: named in the body by its name alone
+    assert f"Converted from: `{Path(dfa[1].base).name}`" in body and str(dfa[1].base) not in card
     assert "custom_code" in metadata["tags"] and metadata["license"]
     assert f"**{dfa[1].max_abs_logit_delta:.3g}**" in body
     assert "transformer.h.*.attn.c_gate" in body

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from testing_utils import MATRIX_ARCHS, is_remote_code, remote_code_only, run_without_graftlm
+from testing_utils import load_remote as load
 
 from graftlm import cli
 
@@ -43,16 +44,6 @@ def plain_copy(folder, dest):
 def plain(matrix_exports, tmp_path_factory):
     root = tmp_path_factory.mktemp("plain")
     return {arch: plain_copy(folder, root / arch) for arch, folder in matrix_exports.items()}
-
-
-def load(folder, arch):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    auto = AutoModelForSeq2SeqLM if arch == "bridge" else AutoModelForCausalLM
-    with remote_code_only():
-        model = auto.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
-    assert is_remote_code(model)
-    return model
 
 
 class Rows(torch.utils.data.Dataset):
@@ -277,8 +268,8 @@ def manual_nll(model, arch, folder):
                 total += torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="sum").item()
                 count += labels.shape[1]
         else:
-            for text in TEXTS:
-                ids = tokenizer(text, return_tensors="pt").input_ids
+            for text in TEXTS:  # every token, the first predicted from eos (lm-eval's prefix token)
+                ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(text).input_ids])
                 logits = model(input_ids=ids, use_cache=False).logits
                 total += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
                 count += ids.shape[1] - 1

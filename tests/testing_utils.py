@@ -147,6 +147,17 @@ def remote_code_only():
             table.update(before)
 
 
+def load_remote(folder, arch):
+    """An exported folder's model, loaded through its own code (trust_remote_code, graftlm's classes hidden)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if arch == "bridge" else AutoModelForCausalLM
+    with remote_code_only():
+        model = auto.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    assert is_remote_code(model)
+    return model
+
+
 def is_remote_code(model):
     """True when `model` comes from an exported folder's code (transformers' dynamic modules), not from graftlm."""
     return type(model).__module__.startswith("transformers_modules.")

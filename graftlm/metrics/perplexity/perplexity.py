@@ -1,18 +1,20 @@
 """Perplexity of a causal language model (any AutoModelForCausalLM folder or Hub id, GraftLM exports included) on
-texts, scored in strided windows. A local `evaluate` module: evaluate.load(graftlm.evaluation.metric_path("perplexity"))."""
+texts, every token scored as lm-evaluation-harness's rolling log-likelihood scores it. A local `evaluate` module: evaluate.load(graftlm.evaluation.metric_path("perplexity"))."""
 
 import datasets
 import evaluate
 
 from graftlm.evaluation import causal_perplexity
 
-_DESCRIPTION = "exp(mean negative log-likelihood) of each text's tokens under a causal LM, in strided windows."
+_DESCRIPTION = ("exp(mean negative log-likelihood) of every token of each text under a causal LM, the first one "
+                "predicted from the bos/eos token, in rolling windows (lm-evaluation-harness's loglikelihood_rolling).")
 _INPUTS = """
 Args:
     predictions (list of str): the texts to score.
     model_id (str): model folder or Hub id.
     max_length (int, optional): window length in tokens (default: the model's n_positions).
-    stride (int, optional): window stride (default: max_length); each window scores only tokens not scored before.
+    stride (int, optional): tokens each later window predicts (default: max_length, disjoint windows as lm-eval's);
+        a smaller stride gives each predicted token up to max_length tokens of context.
     trust_remote_code (bool): load through the folder's own code.
 Returns:
     perplexity (float, all tokens pooled), perplexities (list of float, one per text), tokens_scored, max_length, stride.
