@@ -36,7 +36,7 @@ def perplexity(model, input_ids, max_length, stride=None, prefix_token_id=None, 
     predicted from `prefix_token_id`, in the windows of rolling_windows (stride default: max_length)."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    stride = stride or max_length
+    stride = max_length if stride is None else stride  # 0 is an error, not the default
     if not 1 <= stride <= max_length:
         raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
     if input_ids.numel() < 1:

@@ -538,7 +538,7 @@ def test_api_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
 def test_api_perplexity_takes_zero_as_zero_not_as_the_default(world):
     from graftlm.evaluation import causal_perplexity
 
-    with pytest.raises(ValueError, match="max_length must be >= 2, got 0"):
+    with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
         causal_perplexity(world.dfa, ["Hello world, again and again."], max_length=0)
     with pytest.raises(ValueError, match=r"stride must be in \[1, max_length=16\], got 0"):
         causal_perplexity(world.dfa, ["Hello world, again and again."], max_length=16, stride=0)
