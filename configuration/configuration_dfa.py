@@ -11,9 +11,16 @@ class DFAConfig(GPT2Config):
     gate_mode: "token" computes soft head gates per token (the seed's theory); "sequence" computes them once per
         sequence from its first real token (the seed's code) and reuses them at every position.
     target_entropy_ratio: target of the mean gate entropy, as a fraction of its maximum ln(n_head). The entropy
-        weight lambda = exp(entropy_balance.log_weight) is tuned toward it by dual ascent.
+        weight lambda = exp(entropy_balance.log_weight) is tuned toward it by dual ascent; lambda falls to ~0 while the
+        entropy is above it, so it is a floor against collapse onto few heads. Default 0.5 (at least ~sqrt(n_head)
+        effective heads): on the demo's 4-layer GPT-2, 200 steps of `graftlm train dfa` settled at 0.55 of the
+        maximum with token-specific gates (token/head mutual information up to 0.76 nats per layer) where 0.9 held
+        the gates near uniform (at most 0.10), at the same held-out cross-entropy.
     entropy_weight_init: lambda at conversion.
-    mask_sparsity_weight: weight of mean(mask) in the auxiliary loss (L1 on the head-dimension masks).
+    mask_sparsity_weight: weight of mean(mask) in the auxiliary loss (L1 on the head-dimension masks). Default 0.1:
+        on the same model, 600 training steps closed 27% of the head dimensions for 0.01 nats of held-out
+        cross-entropy against the same run at 0, which closes none (prune() then changed the cross-entropy by
+        1e-4). mean(mask) averages over every mask entry, so the pull on each entry shrinks as the model grows.
     mask_threshold: a mask value below this counts as a closed dimension (active_dim_fraction, prune()).
     layer_heads, layer_qk_dims, layer_v_dims: shapes left by prune(), one entry per layer (None: unpruned).
         layer_heads[i] lists the original indices of the heads layer i keeps.
@@ -22,9 +29,9 @@ class DFAConfig(GPT2Config):
     model_type = "gpt2_dfa"
 
     gate_mode: str = "token"
-    target_entropy_ratio: float = 0.9
+    target_entropy_ratio: float = 0.5
     entropy_weight_init: float = 0.01
-    mask_sparsity_weight: float = 0.0
+    mask_sparsity_weight: float = 0.1
     mask_threshold: float = 0.1
     layer_heads: list | None = None
     layer_qk_dims: list | None = None

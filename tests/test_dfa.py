@@ -199,7 +199,7 @@ def test_entropy_weight_rises_below_target_and_falls_above(tiny_gpt2_dir, direct
 
 
 def test_train_dfa_defaults_raise_lambda_within_150_steps_when_gate_entropy_is_below_target(tiny_gpt2_dir, tmp_path):
-    """`graftlm train dfa` with its default learning rates, from peaked gates (entropy ~0.1 against a target of 1.25):
+    """`graftlm train dfa` with its default learning rates, from peaked gates (entropy 0.12, target 1.25 at ratio 0.9):
     lambda at least doubles within 150 steps (measured: 0.01 -> 0.53; at the common learning rate, 1e-4, it moved by
     1%). One window of 8 tokens per step and one thread keep it fast (about 15 s); Adam's step sizes, and so the dual
     ascent's pace, do not depend on the batch."""
@@ -208,7 +208,7 @@ def test_train_dfa_defaults_raise_lambda_within_150_steps_when_gate_entropy_is_b
         for block in model.transformer.h:
             block.attn.c_gate.bias[0] = 5.0  # every token sends almost all of its weight to head 0
         out = model(input_ids=left_padded_batch()[0], output_regularizers=True)
-    assert out.gate_entropy.item() < 0.2 * model.target_entropy()
+    assert out.gate_entropy.item() < 0.5 * model.target_entropy()
     lambda_before = out.entropy_weight.item()
     model.save_pretrained(tmp_path / "peaked")
     gpt2_tokenizer().save_pretrained(tmp_path / "peaked")
