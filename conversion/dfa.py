@@ -16,13 +16,9 @@ from .common import ConversionError, card_tables, copy_weights, load_stock_gpt2,
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = {
-    "gate_mode": "token",
-    "target_entropy_ratio": 0.9,
-    "entropy_weight_init": 0.01,
-    "mask_sparsity_weight": 0.0,
-    "mask_threshold": 0.1,
-}
+# The converter's options and their defaults: DFAConfig's own, so the two cannot disagree.
+OPTIONS = {name: getattr(DFAConfig, name) for name in
+           ("gate_mode", "target_entropy_ratio", "entropy_weight_init", "mask_sparsity_weight", "mask_threshold")}
 NEW_MODULES = {
     "transformer.h.*.attn.c_gate": "head-gate logits W_g h + b, zero-initialised: uniform gates, g = H * 1/H = 1",
     "transformer.h.*.attn.dim_masks": "head-dimension mask logits q, k, v, zero-initialised: mask = 2 * sigmoid(0) = 1",

@@ -129,7 +129,7 @@ def test_padding_changes_nothing_for_real_tokens(tiny_gpt2_dir):
 
 
 def test_outputs_carry_each_loss_part(tiny_gpt2_dir):
-    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, mask_sparsity_weight=0.01)
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, mask_sparsity_weight=0.01, target_entropy_ratio=0.9)
     ids, _ = left_padded_batch()
     out = model(input_ids=ids, labels=ids)
     torch.testing.assert_close(out.loss, out.ce_loss + out.aux_loss)
@@ -203,7 +203,7 @@ def test_train_dfa_defaults_raise_lambda_within_150_steps_when_gate_entropy_is_b
     lambda at least doubles within 150 steps (measured: 0.01 -> 0.53; at the common learning rate, 1e-4, it moved by
     1%). One window of 8 tokens per step and one thread keep it fast (about 15 s); Adam's step sizes, and so the dual
     ascent's pace, do not depend on the batch."""
-    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir)
+    model, _ = convert_gpt2_to_dfa(tiny_gpt2_dir, target_entropy_ratio=0.9)
     with torch.no_grad():
         for block in model.transformer.h:
             block.attn.c_gate.bias[0] = 5.0  # every token sends almost all of its weight to head 0
