@@ -162,9 +162,10 @@ class DFAAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
 
-        attention = eager_attention_forward
-        if self.config._attn_implementation not in (None, "eager"):
-            attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        # config._attn_implementation follows set_attn_implementation() after loading (eager, sdpa, or a registered
+        # attention function).
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "eager",
+                                                          eager_attention_forward)
         out, weights = attention(
             self, q, k, v, attention_mask, dropout=self.attn_dropout.p if self.training else 0.0, scaling=self.scaling
         )  # out: (batch, seq, heads, v_dim)
@@ -202,7 +203,13 @@ class DFAPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DFABlock"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # As stock GPT-2 declares them: any registered attention function (eager, sdpa, ... ) through
+    # ALL_ATTENTION_FUNCTIONS, masks from create_causal_mask (custom 4-D masks, packed rows restarting position_ids),
+    # and a decode step that torch.compile traces as one graph with a static cache. Not flash attention: prune() can
+    # leave q/k and v head dimensions of different sizes, and it is untested here (no GPU in CI).
     _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
     # The head gates, the q/k/v mask logits and the entropy weight's log are tiny and scale whole heads or, through
     # exp(), the regulariser: they stay float32 under fp16 and bf16 (and no quantizer converts them: none is an
     # nn.Linear).
