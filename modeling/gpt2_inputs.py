@@ -16,12 +16,16 @@ def checked_position_ids(inputs_embeds, past_length, n_positions, attention_mask
     device; then the 2-D mask, which spans cached + new tokens, gives the length on the host).
     Without position_ids, positions continue from the cache (0, 1, 2, ... as in stock GPT-2); generate() passes
     positions derived from the attention mask for left-padded batches, and packed (padding-free) rows restart them.
+    The input's length must fit the table, except for packed rows, which only their positions bound.
     """
     seq = inputs_embeds.shape[1]
     mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
     if not isinstance(past_length, torch.Tensor):
         total = past_length + seq
-        if total > n_positions:
+        # Packed rows (position_ids with no mask and nothing cached, as DataCollatorWithFlattening lays them out) may
+        # be longer than the table as long as each row's positions fit it.
+        packed = position_ids is not None and attention_mask is None and past_length == 0
+        if total > n_positions and not packed:
             raise ValueError(
                 f"input of {total} positions ({past_length} cached + {seq} new) is longer than n_positions={n_positions}"
             )
