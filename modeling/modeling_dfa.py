@@ -13,7 +13,8 @@ can train them (it swaps in the adapter's copy of a module; a bare nn.Parameter 
 transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
 cache_utils.DynamicCache, initialization, masking_utils.create_causal_mask, modeling_layers.GradientCheckpointingLayer,
 modeling_outputs.{BaseModelOutputWithPast, CausalLMOutputWithPast}, modeling_utils.{ALL_ATTENTION_FUNCTIONS,
-slice_logits_to_keep}, models.gpt2.modeling_gpt2.{GPT2MLP, eager_attention_forward}, pytorch_utils.Conv1D.
+slice_logits_to_keep}, models.gpt2.modeling_gpt2.{GPT2MLP, eager_attention_forward}, pytorch_utils.Conv1D,
+utils.output_capturing.{OutputRecorder, capture_outputs}.
 The cache's name differs between releases: hf_compat.CACHE_NAME.
 """
 
@@ -32,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, eager_attention_forward
 from transformers.pytorch_utils import Conv1D
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration.configuration_dfa import DFAConfig
 from .gpt2_inputs import checked_position_ids
@@ -210,6 +212,10 @@ class DFAPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # What capture_outputs records in DFAModel.forward: each block's output (the first hidden state is the first
+    # block's input; the last is replaced by ln_f's output) and each attention's weights (DFAAttention returns
+    # (output, weights, gate probs, gates)).
+    _can_record_outputs = {"hidden_states": DFABlock, "attentions": OutputRecorder(DFAAttention, index=1)}
     # The head gates, the q/k/v mask logits and the entropy weight's log are tiny and scale whole heads or, through
     # exp(), the regulariser: they stay float32 under fp16 and bf16 (and no quantizer converts them: none is an
     # nn.Linear).
@@ -257,6 +263,7 @@ class DFAModel(DFAPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
+    @capture_outputs
     def forward(
         self,
         input_ids=None,
@@ -265,20 +272,19 @@ class DFAModel(DFAPreTrainedModel):
         position_ids=None,
         inputs_embeds=None,
         use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
+        output_attentions=None,  # read by capture_outputs
+        output_hidden_states=None,  # read by capture_outputs
         output_gates=None,
         output_regularizers=True,
         cache=None,
-        return_dict=None,
         **kwargs,
     ):
-        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before). Output flags left None
-        come from the config; return_dict=False returns a tuple."""
+        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before).
+
+        hidden_states and attentions are recorded by transformers' capture_outputs, as for stock GPT-2: from the call's
+        output_hidden_states (True, or the indices of the states to keep) and output_attentions, else from the
+        config; it also turns the output into a tuple under return_dict=False."""
         cache = pick_cache(cache, past_key_values)
-        output_attentions, output_hidden_states, return_dict = output_flags(
-            self.config, output_attentions, output_hidden_states, return_dict
-        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -308,20 +314,13 @@ class DFAModel(DFAPreTrainedModel):
         )
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
 
-        all_hidden, all_attn, all_gates, entropies = [], [], [], []
+        all_gates, entropies = [], []
         for block in self.h:
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
-            hidden_states, weights, probs, gates = block(
-                hidden_states, causal_mask, cache, first_token_index, **kwargs
-            )
+            hidden_states, _, probs, gates = block(hidden_states, causal_mask, cache, first_token_index, **kwargs)
             if output_regularizers:
                 entropies.append(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1))  # (batch, seq or 1)
-            all_attn.append(weights)
             all_gates.append(gates)
         hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden.append(hidden_states)
 
         gate_entropy = mask_mean = None
         if output_regularizers:
@@ -332,16 +331,13 @@ class DFAModel(DFAPreTrainedModel):
             else:
                 gate_entropy = entropy.mean()
             mask_mean = torch.cat([m.flatten() for block in self.h for m in block.attn.dim_masks()]).mean()
-        output = DFAModelOutput(
+        return DFAModelOutput(
             last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attn) if output_attentions else None,
             gate_entropy=gate_entropy,
             mask_mean=mask_mean,
             gates=tuple(all_gates) if output_gates else None,
             **cache_kwargs(cache),
         )
-        return returned(output, return_dict)
 
     @torch.no_grad()
     def active_dim_fraction(self):

@@ -294,3 +294,20 @@ def test_positions_beyond_the_table_are_refused(arch):
         net(input_ids=torch.ones(1, n + 1, dtype=torch.long))
     with pytest.raises(RuntimeError, match=f"position_ids reach n_positions={n}"):
         net(input_ids=torch.ones(1, 2, dtype=torch.long), position_ids=torch.tensor([[n - 1, n]]))
+
+
+@pytest.mark.parametrize("arch", rows_with("_can_record_outputs"))
+def test_hidden_states_are_selected_by_index(arch):
+    """output_hidden_states may list the states to keep (negative indices count from the end), as transformers'
+    capture_outputs gives them: the others are None."""
+    net = build(arch)
+    ids, mask = batch()
+    with torch.no_grad():
+        every = net(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        picked = net(input_ids=ids, attention_mask=mask, output_hidden_states=[0, -1]).hidden_states
+    assert len(picked) == len(every) == TINY["n_layer"] + 1
+    for i, state in enumerate(picked):
+        if i in (0, len(every) - 1):
+            torch.testing.assert_close(state, every[i])
+        else:
+            assert state is None
