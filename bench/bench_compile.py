@@ -4,10 +4,10 @@
 Each model prefills the prompt into a transformers StaticCache (eager), then runs `--new-tokens` greedy decode steps,
 one token per step, through the model itself (eager) or through torch.compile(model, fullgraph=True) (inductor;
 compiled once, in the warm-up, since a static cache keeps every shape fixed). Prints ms/token (best of `--repeats`
-runs after the warm-up), compiled / eager speed-up, and each architecture's ms/token against stock GPT-2's in the
-same mode. Random weights, new modules opened with noise as in `graftlm bench`.
+rounds over every model and mode, after a warm-up), compiled / eager speed-up, and each architecture's ms/token
+against stock GPT-2's in the same mode. Random weights, new modules opened with noise as in `graftlm bench`.
 
-    python bench/bench_compile.py                         # tiny shapes on CPU: a few minutes here (compiling)
+    python bench/bench_compile.py --threads 1             # tiny shapes on CPU: a few minutes here (compiling)
     python bench/bench_compile.py --size small --device cuda
 """
 
@@ -35,15 +35,15 @@ def stock_and_converted(shape, n_positions, archs, folder):
     return models
 
 
-@torch.no_grad()
-def decode_ms_per_token(model, step_model, prompt, new_tokens, device, repeats):
-    """ms per decode step (batch = prompt rows), best of `repeats` runs after a warm-up: each run prefills `prompt`
-    eagerly into the reset StaticCache, then times `new_tokens` greedy steps through `step_model`."""
+def decoder(model, step_model, prompt, new_tokens, device):
+    """A function that times one run, in seconds per decode step (batch = prompt rows): prefill `prompt` eagerly
+    into the reset StaticCache, then `new_tokens` greedy steps through `step_model`."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up (and compiles): not counted
+
+    @torch.no_grad()
+    def run():
         cache.reset()
         token = model(input_ids=prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
         _sync(device)
@@ -51,8 +51,9 @@ def decode_ms_per_token(model, step_model, prompt, new_tokens, device, repeats):
         for _ in range(new_tokens):
             token = step_model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * min(times[1:]) / new_tokens
+        return (time.perf_counter() - start) / new_tokens
+
+    return run
 
 
 def main(argv=None):
@@ -63,20 +64,28 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=128, help="prompt length")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the best counts")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up; the best counts")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (None: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, shape = torch.device(args.device), SIZES[args.size]
     with tempfile.TemporaryDirectory() as folder:
         models = stock_and_converted(shape, args.prompt + args.new_tokens, args.archs, folder)
     prompt = torch.randint(0, shape["vocab_size"] - 1, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
-    rows = {}
+    runs = {}
     for name, model in models.items():
         model.to(device)
-        compiled = torch.compile(model, fullgraph=True)
-        rows[name] = {mode: decode_ms_per_token(model, step, prompt, args.new_tokens, device, args.repeats)
-                      for mode, step in (("eager", model), ("compiled", compiled))}
-        print(f"{name}: eager {rows[name]['eager']:.2f} ms/token, compiled {rows[name]['compiled']:.2f}", flush=True)
+        for mode, step_model in (("eager", model), ("compiled", torch.compile(model, fullgraph=True))):
+            runs[name, mode] = decoder(model, step_model, prompt, args.new_tokens, device)
+            runs[name, mode]()  # warm-up (compiles)
+    # Rounds over every (model, mode), so that load from other processes falls on all of them alike; the best counts.
+    times = {key: [] for key in runs}
+    for _ in range(args.repeats):
+        for key, run in runs.items():
+            times[key].append(run())
+    rows = {name: {mode: 1000 * min(times[name, mode]) for mode in ("eager", "compiled")} for name in models}
     print(f"\nstatic-cache decoding, {args.size} shapes, prompt {args.prompt}, batch {args.batch}, "
           f"{args.new_tokens} steps, {device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| model | eager ms/token | compiled ms/token | compiled speed-up | eager time / stock's | compiled time / stock's |")
