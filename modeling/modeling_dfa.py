@@ -120,11 +120,17 @@ class DFAAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def gate_probs(self, hidden_states, first_token_index, cache):
-        """Softmax over heads: (batch, seq, n_head) per token, or (batch, 1, n_head) per sequence."""
+        """Softmax over heads: (batch, seq, n_head) per token, or (batch, 1, n_head) per sequence.
+
+        first_token_index: (batch,) the first real token of each row, or (batch, seq) each token's first token when
+        rows pack several sequences."""
         # c_gate stays in float32 under quantization or half-precision loading (_keep_in_fp32_modules).
         hidden_states = hidden_states.to(self.c_gate.weight.dtype)
         if self.config.gate_mode == "token":
             return torch.softmax(self.c_gate(hidden_states).float(), dim=-1)
+        if first_token_index.ndim == 2:  # packed rows: each token takes the gates of its own sequence's first token
+            firsts = hidden_states.gather(1, first_token_index[..., None].expand(-1, -1, hidden_states.shape[-1]))
+            return torch.softmax(self.c_gate(firsts).float(), dim=-1)
         stored = getattr(cache, "dfa_sequence_gates", {}) if cache is not None else {}
         if self.layer_idx in stored:
             return stored[self.layer_idx]
@@ -285,6 +291,9 @@ class DFAModel(DFAPreTrainedModel):
         output_hidden_states (True, or the indices of the states to keep) and output_attentions, else from the
         config; it also turns the output into a tuple under return_dict=False."""
         cache = pick_cache(cache, past_key_values)
+        # Rows packing several sequences, position_ids restarting at each (create_causal_mask keeps them apart where
+        # there is neither a mask nor a cache, for stock GPT-2 too).
+        packed = position_ids is not None and attention_mask is None
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -300,11 +309,13 @@ class DFAModel(DFAPreTrainedModel):
             inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
         )
         mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-        first_token_index = (
-            mask_2d.long().argmax(dim=1)
-            if mask_2d is not None
-            else torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
-        )
+        if mask_2d is not None:
+            first_token_index = mask_2d.long().argmax(dim=1)
+        elif packed and cache is None:  # each token's first token: its index less its position
+            tokens = torch.arange(seq, device=inputs_embeds.device)
+            first_token_index = (tokens - position_ids).clamp_min(0).expand(batch, seq)
+        else:
+            first_token_index = torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,

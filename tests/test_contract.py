@@ -250,12 +250,16 @@ def test_custom_4d_mask_shares_a_prefix_as_separate_rows_would(arch):
     torch.testing.assert_close(together.logits[0, 3:], separate)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "sequence gates"])
 @pytest.mark.parametrize("arch", rows_with("_supports_attention_backend"))
 def test_padding_free_rows_match_the_padded_batch(arch, attn):
     """Rows packed into one, their position_ids restarting at 0 (DataCollatorWithFlattening's layout), in a forward
     without a cache (create_causal_mask looks for packed rows only there, for stock GPT-2 too)."""
-    net = build(arch, n_positions=12)  # each row fits the position table, the packed row (19 tokens) does not
+    if attn == "sequence gates" and arch != "dfa":
+        pytest.skip("gate_mode is a DFA option")
+    overrides = {"gate_mode": "sequence"} if attn == "sequence gates" else {}  # each sequence's first token's gates
+    attn = "eager" if overrides else attn
+    net = build(arch, n_positions=12, **overrides)  # each row fits the position table, the packed row (19) does not
     net.set_attn_implementation(attn)
     ids, mask = batch()
     with torch.no_grad():
