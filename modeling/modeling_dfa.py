@@ -13,7 +13,8 @@ can train them (it swaps in the adapter's copy of a module; a bare nn.Parameter 
 transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
 cache_utils.DynamicCache, initialization, masking_utils.create_causal_mask, modeling_layers.GradientCheckpointingLayer,
 modeling_outputs.{BaseModelOutputWithPast, CausalLMOutputWithPast}, modeling_utils.{ALL_ATTENTION_FUNCTIONS,
-slice_logits_to_keep}, models.gpt2.modeling_gpt2.{GPT2MLP, eager_attention_forward}, pytorch_utils.Conv1D.
+slice_logits_to_keep}, models.gpt2.modeling_gpt2.{GPT2MLP, eager_attention_forward}, pytorch_utils.Conv1D,
+utils.output_capturing.{OutputRecorder, capture_outputs}.
 The cache's name differs between releases: hf_compat.CACHE_NAME.
 """
 
@@ -32,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, eager_attention_forward
 from transformers.pytorch_utils import Conv1D
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration.configuration_dfa import DFAConfig
 from .gpt2_inputs import checked_position_ids
@@ -118,11 +120,17 @@ class DFAAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def gate_probs(self, hidden_states, first_token_index, cache):
-        """Softmax over heads: (batch, seq, n_head) per token, or (batch, 1, n_head) per sequence."""
+        """Softmax over heads: (batch, seq, n_head) per token, or (batch, 1, n_head) per sequence.
+
+        first_token_index: (batch,) the first real token of each row, or (batch, seq) each token's first token when
+        rows pack several sequences."""
         # c_gate stays in float32 under quantization or half-precision loading (_keep_in_fp32_modules).
         hidden_states = hidden_states.to(self.c_gate.weight.dtype)
         if self.config.gate_mode == "token":
             return torch.softmax(self.c_gate(hidden_states).float(), dim=-1)
+        if first_token_index.ndim == 2:  # packed rows: each token takes the gates of its own sequence's first token
+            firsts = hidden_states.gather(1, first_token_index[..., None].expand(-1, -1, hidden_states.shape[-1]))
+            return torch.softmax(self.c_gate(firsts).float(), dim=-1)
         stored = getattr(cache, "dfa_sequence_gates", {}) if cache is not None else {}
         if self.layer_idx in stored:
             return stored[self.layer_idx]
@@ -162,9 +170,10 @@ class DFAAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
 
-        attention = eager_attention_forward
-        if self.config._attn_implementation not in (None, "eager"):
-            attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        # config._attn_implementation follows set_attn_implementation() after loading (eager, sdpa, or a registered
+        # attention function).
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "eager",
+                                                          eager_attention_forward)
         out, weights = attention(
             self, q, k, v, attention_mask, dropout=self.attn_dropout.p if self.training else 0.0, scaling=self.scaling
         )  # out: (batch, seq, heads, v_dim)
@@ -202,7 +211,17 @@ class DFAPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DFABlock"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # As stock GPT-2 declares them: any registered attention function (eager, sdpa, ... ) through
+    # ALL_ATTENTION_FUNCTIONS, masks from create_causal_mask (custom 4-D masks, packed rows restarting position_ids),
+    # and a decode step that torch.compile traces as one graph with a static cache. Not flash attention: prune() can
+    # leave q/k and v head dimensions of different sizes, and it is untested here (no GPU in CI).
     _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    # What capture_outputs records in DFAModel.forward: each block's output (the first hidden state is the first
+    # block's input; the last is replaced by ln_f's output) and each attention's weights (DFAAttention returns
+    # (output, weights, gate probs, gates)).
+    _can_record_outputs = {"hidden_states": DFABlock, "attentions": OutputRecorder(DFAAttention, index=1)}
     # The head gates, the q/k/v mask logits and the entropy weight's log are tiny and scale whole heads or, through
     # exp(), the regulariser: they stay float32 under fp16 and bf16 (and no quantizer converts them: none is an
     # nn.Linear).
@@ -250,6 +269,7 @@ class DFAModel(DFAPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
+    @capture_outputs
     def forward(
         self,
         input_ids=None,
@@ -258,20 +278,22 @@ class DFAModel(DFAPreTrainedModel):
         position_ids=None,
         inputs_embeds=None,
         use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
+        output_attentions=None,  # read by capture_outputs
+        output_hidden_states=None,  # read by capture_outputs
         output_gates=None,
         output_regularizers=True,
         cache=None,
-        return_dict=None,
         **kwargs,
     ):
-        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before). Output flags left None
-        come from the config; return_dict=False returns a tuple."""
+        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before).
+
+        hidden_states and attentions are recorded by transformers' capture_outputs, as for stock GPT-2: from the call's
+        output_hidden_states (True, or the indices of the states to keep) and output_attentions, else from the
+        config; it also turns the output into a tuple under return_dict=False."""
         cache = pick_cache(cache, past_key_values)
-        output_attentions, output_hidden_states, return_dict = output_flags(
-            self.config, output_attentions, output_hidden_states, return_dict
-        )
+        # Rows packing several sequences, position_ids restarting at each (create_causal_mask keeps them apart where
+        # there is neither a mask nor a cache, for stock GPT-2 too).
+        packed = position_ids is not None and attention_mask is None
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -287,11 +309,13 @@ class DFAModel(DFAPreTrainedModel):
             inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
         )
         mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-        first_token_index = (
-            mask_2d.long().argmax(dim=1)
-            if mask_2d is not None
-            else torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
-        )
+        if mask_2d is not None:
+            first_token_index = mask_2d.long().argmax(dim=1)
+        elif packed and cache is None:  # each token's first token: its index less its position
+            tokens = torch.arange(seq, device=inputs_embeds.device)
+            first_token_index = (tokens - position_ids).clamp_min(0).expand(batch, seq)
+        else:
+            first_token_index = torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -301,20 +325,13 @@ class DFAModel(DFAPreTrainedModel):
         )
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
 
-        all_hidden, all_attn, all_gates, entropies = [], [], [], []
+        all_gates, entropies = [], []
         for block in self.h:
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
-            hidden_states, weights, probs, gates = block(
-                hidden_states, causal_mask, cache, first_token_index, **kwargs
-            )
+            hidden_states, _, probs, gates = block(hidden_states, causal_mask, cache, first_token_index, **kwargs)
             if output_regularizers:
                 entropies.append(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1))  # (batch, seq or 1)
-            all_attn.append(weights)
             all_gates.append(gates)
         hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden.append(hidden_states)
 
         gate_entropy = mask_mean = None
         if output_regularizers:
@@ -325,16 +342,13 @@ class DFAModel(DFAPreTrainedModel):
             else:
                 gate_entropy = entropy.mean()
             mask_mean = torch.cat([m.flatten() for block in self.h for m in block.attn.dim_masks()]).mean()
-        output = DFAModelOutput(
+        return DFAModelOutput(
             last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attn) if output_attentions else None,
             gate_entropy=gate_entropy,
             mask_mean=mask_mean,
             gates=tuple(all_gates) if output_gates else None,
             **cache_kwargs(cache),
         )
-        return returned(output, return_dict)
 
     @torch.no_grad()
     def active_dim_fraction(self):

@@ -193,3 +193,125 @@ def test_uncached_forward_exports_without_graph_breaks(arch):
     exported = torch.export.export(net, (), kwargs)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(**kwargs)[0], net(**kwargs)[0])
+
+
+# --- Static cache, torch.compile, attention masks and backends (issue 13) -------------------------------------------
+# A row joins these tests by its causal LM's own class flags, as transformers' mixins decide which of their tests
+# apply: _can_compile_fullgraph (static cache, one-graph decode step, custom 4-D masks) and _supports_attention_backend
+# (masks from create_causal_mask, packed rows, attention functions switched after loading).
+def rows_with(flag):
+    return [arch for arch, (_, lm_class, _, _) in ARCHS.items() if getattr(lm_class, flag)]
+
+
+@pytest.mark.parametrize("arch", rows_with("_can_compile_fullgraph"))
+def test_static_cache_generates_the_dynamic_caches_tokens(arch):
+    net = build(arch)
+    ids, mask = batch(7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    dynamic = net.generate(ids, **kwargs)
+    assert torch.equal(net.generate(ids, cache_implementation="static", **kwargs), dynamic)
+    embeds = net.get_input_embeddings()(ids)
+    from_embeds = net.generate(inputs_embeds=embeds, cache_implementation="static", **kwargs)
+    assert torch.equal(from_embeds, dynamic[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("arch", rows_with("_can_compile_fullgraph"))
+def test_compiled_decode_step_is_one_graph_with_the_eager_logits(arch):
+    """A decode step on a static cache compiles with fullgraph=True (no graph break, no host sync) and computes the
+    eager logits. aot_eager traces as inductor does (dynamo + AOTAutograd) without its slow CPU code generation."""
+    from transformers import StaticCache
+
+    net = build(arch)
+    ids, mask = batch(7)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    caches = [StaticCache(config=net.config, max_cache_len=12) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            net(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        for t in range(2):  # two steps: the second reuses the graph with the cache one token further on
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            step = dict(input_ids=ids[:, t : t + 1], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1)
+            eager = net(**step, past_key_values=caches[0]).logits
+            torch.testing.assert_close(compiled(**step, past_key_values=caches[1]).logits, eager)
+
+
+@pytest.mark.parametrize("arch", rows_with("_can_compile_fullgraph"))
+def test_custom_4d_mask_shares_a_prefix_as_separate_rows_would(arch):
+    """Three continuations of one prefix in one row: a 4-D mask keeps them apart, position_ids repeat."""
+    net = build(arch)
+    rows = torch.tensor([[10, 11, 12, 13], [10, 11, 12, 14], [10, 11, 12, 15]])
+    shared = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    allowed = torch.ones(6, 6).tril().bool()
+    allowed[4:, 3:] = torch.eye(3)[1:].bool()  # tokens 4 and 5 see the prefix and themselves, not 3 or each other
+    mask_4d = torch.zeros(1, 1, 6, 6).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        separate = net(input_ids=rows).logits[:, -1]
+        together = net(input_ids=shared, attention_mask=mask_4d, position_ids=torch.tensor([[0, 1, 2, 3, 3, 3]]))
+    torch.testing.assert_close(together.logits[0, 3:], separate)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "sequence gates"])
+@pytest.mark.parametrize("arch", rows_with("_supports_attention_backend"))
+def test_padding_free_rows_match_the_padded_batch(arch, attn):
+    """Rows packed into one, their position_ids restarting at 0 (DataCollatorWithFlattening's layout), in a forward
+    without a cache (create_causal_mask looks for packed rows only there, for stock GPT-2 too)."""
+    if attn == "sequence gates" and arch != "dfa":
+        pytest.skip("gate_mode is a DFA option")
+    overrides = {"gate_mode": "sequence"} if attn == "sequence gates" else {}  # each sequence's first token's gates
+    attn = "eager" if overrides else attn
+    net = build(arch, n_positions=12, **overrides)  # each row fits the position table, the packed row (19) does not
+    net.set_attn_implementation(attn)
+    ids, mask = batch()
+    with torch.no_grad():
+        positions = (mask.cumsum(1) - 1).clamp_min(0)  # as generate() numbers a left-padded row
+        padded = net(input_ids=ids, attention_mask=mask, position_ids=positions).logits[mask.bool()]
+        lengths = mask.sum(1).tolist()
+        restarting = torch.cat([torch.arange(n) for n in lengths])[None]
+        packed = net(input_ids=ids[mask.bool()][None], position_ids=restarting, use_cache=False)
+    torch.testing.assert_close(packed.logits[0], padded)
+
+
+@pytest.mark.parametrize("arch", rows_with("_supports_attention_backend"))
+def test_attention_implementation_switches_after_loading(arch, tmp_path):
+    net = build(arch)
+    ids, mask = batch()
+    with torch.no_grad():
+        real = mask.bool()  # padding rows attend to nothing, which eager and sdpa fill differently
+        eager = net(input_ids=ids, attention_mask=mask).logits
+        net.set_attn_implementation("sdpa")
+        assert net.config._attn_implementation == "sdpa"
+        torch.testing.assert_close(net(input_ids=ids, attention_mask=mask).logits[real], eager[real])
+        with pytest.raises(ValueError, match="foo"):
+            net.set_attn_implementation("foo")
+        net.save_pretrained(tmp_path)
+        loaded = type(net).from_pretrained(tmp_path, attn_implementation="eager")
+        assert loaded.config._attn_implementation == "eager"
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, eager)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_positions_beyond_the_table_are_refused(arch):
+    """The checks read lengths from shapes and assert position_ids on the device (no host sync in a decode step)."""
+    net = build(arch)
+    n = TINY["n_positions"]
+    with pytest.raises(ValueError, match=f"longer than n_positions={n}"):
+        net(input_ids=torch.ones(1, n + 1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=f"position_ids reach n_positions={n}"):
+        net(input_ids=torch.ones(1, 2, dtype=torch.long), position_ids=torch.tensor([[n - 1, n]]))
+
+
+@pytest.mark.parametrize("arch", rows_with("_can_record_outputs"))
+def test_hidden_states_are_selected_by_index(arch):
+    """output_hidden_states may list the states to keep (negative indices count from the end), as transformers'
+    capture_outputs gives them: the others are None."""
+    net = build(arch)
+    ids, mask = batch()
+    with torch.no_grad():
+        every = net(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        picked = net(input_ids=ids, attention_mask=mask, output_hidden_states=[0, -1]).hidden_states
+    assert len(picked) == len(every) == TINY["n_layer"] + 1
+    for i, state in enumerate(picked):
+        if i in (0, len(every) - 1):
+            torch.testing.assert_close(state, every[i])
+        else:
+            assert state is None
