@@ -45,20 +45,29 @@ def promote_scalars(model):
 
 @contextlib.contextmanager
 def _held_logs():
-    """Hold back what transformers' loggers emit (e.g. the load report of a mismatch); yields the held records."""
-    handlers = logging.getLogger("transformers").handlers
+    """Hold back what the handlers of transformers' logger would write (e.g. the load report of a mismatch); yields
+    a function that writes the held records after all."""
     held = []
 
-    def hold(record):
-        held.append((record, record.name))
-        return False
+    def holder(handler):
+        def hold(record):
+            held.append((handler, record))
+            return False
 
-    for handler in handlers:
+        return hold
+
+    filters = [(handler, holder(handler)) for handler in logging.getLogger("transformers").handlers]
+    for handler, hold in filters:
         handler.addFilter(hold)
+
+    def release():
+        for handler, record in held:
+            handler.handle(record)
+
     try:
-        yield held
+        yield release
     finally:
-        for handler in handlers:
+        for handler, hold in filters:
             handler.removeFilter(hold)
 
 
@@ -67,7 +76,7 @@ class LegacyScalarsMixin:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        with _held_logs() as held:
+        with _held_logs() as release:
             try:
                 loaded = super().from_pretrained(*args, **kwargs)
             except RuntimeError as error:
@@ -75,17 +84,17 @@ class LegacyScalarsMixin:
             else:
                 first_error = None
         if first_error is None:
-            for record, name in held:
-                logging.getLogger(name).handle(record)
+            release()
             return loaded
         token = _BUILD_0D.set(True)
         try:
-            loaded = super().from_pretrained(*args, **kwargs)
+            with _held_logs() as release_retry:
+                loaded = super().from_pretrained(*args, **kwargs)
         except Exception:
-            for record, name in held:  # the first attempt's report explains its error
-                logging.getLogger(name).handle(record)
+            release()  # the first attempt's report explains its error; the retry's would only confuse
             raise first_error from None
         finally:
             _BUILD_0D.reset(token)
+        release_retry()
         promote_scalars(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
