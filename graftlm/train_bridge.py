@@ -19,7 +19,7 @@ import torch
 from .export import add_hub_arguments
 from .inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .modeling.pipeline_bridge import ENCODER_TOKENIZER_SUBFOLDER
-from .training import add_trainer_options, export_trained, loss_history, trainer_arguments
+from .training import add_trainer_options, check_launch, export_trained, loss_history, trainer_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def main(args):
         )
         trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                           data_collator=BridgeCollator(source_tokenizer.pad_token_id))
+        check_launch(trainer.accelerator)
         result = trainer.train()
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "train_pairs": len(train_set),
                    "loss_history": loss_history(trainer)}

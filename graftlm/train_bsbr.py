@@ -15,8 +15,8 @@ import tempfile
 import torch
 
 from .inputs import POSITIVE, bounded, read_text
-from .training import (add_text_training_arguments, export_trained, loss_history, make_optimizer, split_blocks,
-                       trainer_arguments)
+from .training import (add_text_training_arguments, check_launch, export_trained, loss_history, make_optimizer,
+                       split_blocks, trainer_arguments)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def main(args):
         training_args = trainer_arguments(args, work_dir, lr_scheduler_type="cosine")
         optimizer = make_optimizer(model, args.learning_rate, {".retrieval_gate.": args.gate_learning_rate})
         trainer = Trainer(model=model, args=training_args, train_dataset=train_set, optimizers=(optimizer, None))
+        check_launch(trainer.accelerator)
         result = trainer.train()
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": seq_len,
                    "trainable": args.trainable, "trainable_parameters": trainable, "loss_history": loss_history(trainer)}

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from . import inputs
-from .training import (add_text_training_arguments, export_trained, loss_history, make_optimizer, split_blocks,
-                       trainer_arguments)
+from .training import (add_text_training_arguments, check_launch, export_trained, loss_history, make_optimizer,
+                       split_blocks, trainer_arguments)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def main(args):
     with tempfile.TemporaryDirectory(prefix="dfa-train-") as work_dir:
         trainer = Trainer(model=model, args=trainer_arguments(args, work_dir, lr_scheduler_type="cosine"),
                           train_dataset=train_set, optimizers=(make_dfa_optimizer(model, args), None))
+        check_launch(trainer.accelerator)
         result = trainer.train()
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": args.seq_len,
                    "entropy_weight": model.transformer.entropy_balance().item(),

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from .inputs import read_jsonl
+from .training import check_launch
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +347,7 @@ def train(model, tokenizer, train_pairs, valid_pairs, options):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun / accelerate launch) then join over gloo
     )
+    check_launch(accelerator)
     set_seed(options.seed)
     if not model.has_lora():
         model.add_lora()

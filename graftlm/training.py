@@ -3,6 +3,7 @@ token windows of a text file, the common command-line options, the optimizer wit
 per-step losses they write as JSON, and the trained model's export with its card (and upload)."""
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -105,6 +106,30 @@ def trainer_arguments(args, work_dir, **overrides):
     )
     options.update(overrides)
     return TrainingArguments(**options)
+
+
+def check_launch(accelerator):
+    """Refuse to train when `accelerate launch` asked for FSDP or DeepSpeed, or for more processes, than the
+    accelerator runs. accelerate 1.15 shards only on accelerators (CUDA, XPU, ...): on CPU, `--use_fsdp` and
+    `--use_deepspeed` are dropped, and each process then trains alone or all run plain data parallel, unsharded."""
+    from accelerate.utils import DistributedType
+
+    asked = {"ACCELERATE_USE_FSDP": ("FSDP", DistributedType.FSDP),
+             "ACCELERATE_USE_DEEPSPEED": ("DeepSpeed", DistributedType.DEEPSPEED)}
+    for variable, (name, kind) in asked.items():
+        if os.environ.get(variable, "false").lower() in ("1", "true") and accelerator.distributed_type != kind:
+            raise RuntimeError(
+                f"accelerate launch asked for {name} ({variable}=true), but accelerate runs "
+                f"{accelerator.distributed_type.value} here ({accelerator.device.type}): it shards only on GPUs and "
+                f"other accelerators, so this run would train unsharded. Launch on GPUs, or without --use_fsdp / "
+                f"--use_deepspeed (e.g. --multi_gpu for data parallel)"
+            )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE), but accelerate joined {accelerator.num_processes}: "
+            f"each would train on its own. On CPU, launch with --multi_gpu (processes join over gloo)"
+        )
 
 
 def loss_history(trainer):

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from .scalar_params import scalar_parameter
+
 
 def _inverse_softplus(y):
     return math.log(math.expm1(y))
@@ -69,8 +71,9 @@ class GABridge(LinearBridge):
             self.alpha_mlp = _tiny_mlp(dim, config.mlp_dim)  # alpha_t = sigmoid(MLP(z_t))
             self.sigma_mlp = _tiny_mlp(dim, config.mlp_dim)  # sigma_t = softplus(MLP(z_t))
         else:
-            self.alpha_logit = nn.Parameter(torch.tensor(0.0))  # alpha = sigmoid(alpha_logit)
-            self.sigma_raw = nn.Parameter(torch.tensor(0.0))  # sigma = softplus(sigma_raw)
+            # (1,) each, which FSDP and DeepSpeed can shard; 0-D in checkpoints of before, which still load
+            self.alpha_logit = scalar_parameter(self, 0.0)  # alpha = sigmoid(alpha_logit)
+            self.sigma_raw = scalar_parameter(self, 0.0)  # sigma = softplus(sigma_raw)
         if config.gated_residual:
             self.gate = nn.Parameter(torch.zeros(dim))
 
@@ -92,7 +95,7 @@ class GABridge(LinearBridge):
     def alpha_sigma(self, z):
         if self.config.token_wise:
             return torch.sigmoid(self.alpha_mlp(z)), nn.functional.softplus(self.sigma_mlp(z))  # (B, L, 1) each
-        return torch.sigmoid(self.alpha_logit), nn.functional.softplus(self.sigma_raw)
+        return torch.sigmoid(self.alpha_logit).reshape(()), nn.functional.softplus(self.sigma_raw).reshape(())
 
     def forward(self, encoder_states):
         z = self.project(encoder_states)

@@ -28,6 +28,7 @@ from ..configuration.configuration_bridge import BridgeConfig
 from .bridge_decoding import AdaptiveLogitsProcessor, expand_controls, likelihood_control_loss, prior_control_loss
 from .bridge_layers import BRIDGES, DecodingControls, GABridge, PopulationBridge
 from .hf_compat import cache_kwargs, cache_of, check_forward_kwargs, pick_cache
+from .scalar_params import LegacyScalarsMixin
 
 # The text2text-generation pipeline that config.json names (custom_pipelines) is part of this model's code: imported
 # here, so that save_pretrained of a model loaded through trust_remote_code copies pipeline_bridge.py with this file
@@ -91,7 +92,7 @@ class _BridgedEncoder:
     __call__ = forward
 
 
-class BridgePreTrainedModel(PreTrainedModel):
+class BridgePreTrainedModel(LegacyScalarsMixin, PreTrainedModel):
     config: BridgeConfig
     config_class = BridgeConfig
     base_model_prefix = "bridge_model"

@@ -38,12 +38,14 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from ..configuration.configuration_dfa import DFAConfig
 from .gpt2_inputs import checked_position_ids
 from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
+from .scalar_params import LegacyScalarsMixin, scalar_parameter
 
 
 @dataclass
 class DFAModelOutput(BaseModelOutputWithPast):
     gate_entropy: torch.FloatTensor | None = None  # mean entropy of the head-gate distribution (nats)
     mask_mean: torch.FloatTensor | None = None  # mean value of all head-dimension masks
+    active_dim_fraction: torch.FloatTensor | None = None  # share of head dimensions still open (no gradient)
     gates: tuple | None = None  # per layer (batch, seq or 1, heads kept): g = H * softmax(...), when output_gates
 
 
@@ -72,14 +74,16 @@ class HeadDimMasks(nn.Module):
 
 
 class EntropyBalance(nn.Module):
-    """The gate-entropy weight, stored as its log so that it stays positive; forward() -> lambda = exp(log_weight)."""
+    """The gate-entropy weight, stored as its log so that it stays positive; forward() -> lambda = exp(log_weight), 0-D.
+    log_weight has shape (1,), which FSDP and DeepSpeed can shard; checkpoints that stored it 0-D still load
+    (scalar_params)."""
 
     def __init__(self, weight):
         super().__init__()
-        self.log_weight = nn.Parameter(torch.tensor(math.log(weight)))
+        self.log_weight = scalar_parameter(self, math.log(weight))
 
     def forward(self):
-        return self.log_weight.exp()
+        return self.log_weight.exp().reshape(())
 
 
 class HeadGate(nn.Module):
@@ -142,14 +146,14 @@ class DFAAttention(nn.Module):
             cache.dfa_sequence_gates[self.layer_idx] = probs
         return probs
 
-    def masked_qkv(self, hidden_states):
+    def masked_qkv(self, hidden_states, masks):
         """c_attn with every q/k/v dimension scaled by its mask: (batch, seq, 3 parts) split as [q | k | v].
 
         (x W + b) * m == x (W * m) + b * m. Scaling W's columns costs n_embd x 3d, scaling the output tokens x 3d, so a
         plain Conv1D takes the masks into its weights when there are more tokens than input features (training, the
         prefill). A c_attn that is quantized, adapter-wrapped or hooked (bitsandbytes, PEFT, accelerate) runs as a
         module and its output is scaled."""
-        mask = torch.cat([m.flatten() for m in self.dim_masks()])  # (3d,) in c_attn's column order
+        mask = torch.cat([m.flatten() for m in masks])  # (3d,) in c_attn's column order
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         c_attn = self.c_attn
         if type(c_attn) is Conv1D and not hasattr(c_attn, "_hf_hook") and x.shape[0] > x.shape[1]:
@@ -162,7 +166,10 @@ class DFAAttention(nn.Module):
 
     def forward(self, hidden_states, attention_mask, cache=None, first_token_index=None, **kwargs):
         batch, seq, _ = hidden_states.shape
-        q, k, v = self.masked_qkv(hidden_states)
+        # The masks are returned too: the regulariser reads them from here, as FSDP holds a block's parameters
+        # whole only during its forward.
+        masks = self.dim_masks()  # (q, k, v), each (heads, dims)
+        q, k, v = self.masked_qkv(hidden_states, masks)
         # (batch, heads, seq, dims)
         q = q.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2)
         k = k.view(batch, seq, self.num_heads, self.qk_dim).transpose(1, 2)
@@ -183,7 +190,7 @@ class DFAAttention(nn.Module):
         gates = self.n_head * kept  # (batch, seq or 1, heads kept); entropy below uses all heads' probs
         out = out * gates[..., None].to(out.dtype)
         out = self.c_proj(out.reshape(batch, seq, self.num_heads * self.v_dim))
-        return self.resid_dropout(out), weights, probs, gates
+        return self.resid_dropout(out), weights, probs, gates, masks
 
 
 class DFABlock(GradientCheckpointingLayer):
@@ -198,13 +205,15 @@ class DFABlock(GradientCheckpointingLayer):
             projection.residual_projection = True  # scaled init (_init_weights)
 
     def forward(self, hidden_states, attention_mask=None, cache=None, first_token_index=None, **kwargs):
-        attn_out, weights, probs, gates = self.attn(self.ln_1(hidden_states), attention_mask, cache, first_token_index)
+        attn_out, weights, probs, gates, masks = self.attn(
+            self.ln_1(hidden_states), attention_mask, cache, first_token_index
+        )
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
-        return hidden_states, weights, probs, gates
+        return hidden_states, weights, probs, gates, masks
 
 
-class DFAPreTrainedModel(PreTrainedModel):
+class DFAPreTrainedModel(LegacyScalarsMixin, PreTrainedModel):
     config: DFAConfig
     config_class = DFAConfig
     base_model_prefix = "transformer"
@@ -220,7 +229,7 @@ class DFAPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     # What capture_outputs records in DFAModel.forward: each block's output (the first hidden state is the first
     # block's input; the last is replaced by ln_f's output) and each attention's weights (DFAAttention returns
-    # (output, weights, gate probs, gates)).
+    # (output, weights, gate probs, gates, masks)).
     _can_record_outputs = {"hidden_states": DFABlock, "attentions": OutputRecorder(DFAAttention, index=1)}
     # The head gates, the q/k/v mask logits and the entropy weight's log are tiny and scale whole heads or, through
     # exp(), the regulariser: they stay float32 under fp16 and bf16 (and no quantizer converts them: none is an
@@ -325,15 +334,16 @@ class DFAModel(DFAPreTrainedModel):
         )
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
 
-        all_gates, entropies = [], []
+        all_gates, entropies, all_masks = [], [], []
         for block in self.h:
-            hidden_states, _, probs, gates = block(hidden_states, causal_mask, cache, first_token_index, **kwargs)
+            hidden_states, _, probs, gates, masks = block(hidden_states, causal_mask, cache, first_token_index, **kwargs)
             if output_regularizers:
                 entropies.append(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1))  # (batch, seq or 1)
+                all_masks.append(masks)
             all_gates.append(gates)
         hidden_states = self.ln_f(hidden_states)
 
-        gate_entropy = mask_mean = None
+        gate_entropy = mask_mean = active = None
         if output_regularizers:
             entropy = torch.stack(entropies)  # (layers, batch, seq or 1)
             if mask_2d is not None and entropy.shape[-1] == seq:
@@ -341,20 +351,24 @@ class DFAModel(DFAPreTrainedModel):
                 gate_entropy = (entropy * real).sum() / (real.sum() * len(self.h)).clamp_min(1)
             else:
                 gate_entropy = entropy.mean()
-            mask_mean = torch.cat([m.flatten() for block in self.h for m in block.attn.dim_masks()]).mean()
+            mask_mean = torch.cat([m.flatten() for masks in all_masks for m in masks]).mean()
+            active = self.active_dim_fraction(all_masks)
         return DFAModelOutput(
             last_hidden_state=hidden_states,
             gate_entropy=gate_entropy,
             mask_mean=mask_mean,
+            active_dim_fraction=active,
             gates=tuple(all_gates) if output_gates else None,
             **cache_kwargs(cache),
         )
 
     @torch.no_grad()
-    def active_dim_fraction(self):
-        """Share of GPT-2's q.k and v head dimensions still open (mask product or mask >= mask_threshold)."""
+    def active_dim_fraction(self, masks=None):
+        """Share of GPT-2's q.k and v head dimensions still open (mask product or mask >= mask_threshold); `masks`:
+        each layer's (q, k, v) masks as its forward returned them (default: computed from the modules)."""
         threshold = self.config.mask_threshold
-        counts = [((q * k) >= threshold).sum() + (v >= threshold).sum() for q, k, v in (b.attn.dim_masks() for b in self.h)]
+        masks = masks if masks is not None else [b.attn.dim_masks() for b in self.h]
+        counts = [((q * k) >= threshold).sum() + (v >= threshold).sum() for q, k, v in masks]
         # summed on the masks' device: a training step waits for no per-layer count to reach the host
         return torch.stack(counts).sum() / (2 * self.config.n_layer * self.config.n_embd)
 
@@ -429,7 +443,7 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
             entropy = out.gate_entropy
             aux_loss = -weight.detach() * entropy + weight * (entropy.detach() - self.target_entropy())
             aux_loss = aux_loss + self.config.mask_sparsity_weight * out.mask_mean
-            entropy, weight, active = entropy.detach(), weight.detach(), self.transformer.active_dim_fraction()
+            entropy, weight, active = entropy.detach(), weight.detach(), out.active_dim_fraction
         if labels is not None:
             ce_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = ce_loss

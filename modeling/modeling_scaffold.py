@@ -111,10 +111,19 @@ class ScaffoldFuser(GradientCheckpointingLayer):
         v = self.v_proj(states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def forward(self, hidden_states, key, value, attention_mask, has_key, weight):
-        """hidden_states (batch, seq, width); attention_mask additive (batch, 1, seq, scaffold_len);
-        has_key (batch, seq): False where a position sees no scaffold token (its update is zeroed)."""
+    def forward(self, hidden_states, states, attention_mask, has_key, weight, kv_cache=None):
+        """hidden_states (batch, seq, width); states: the scaffold's (batch, scaffold_len, scaffold width);
+        attention_mask additive (batch, 1, seq, scaffold_len); has_key (batch, seq): False where a position sees no
+        scaffold token (its update is zeroed). kv_cache: {layer: (key, value)} kept across decoding steps (the
+        projection runs here, inside forward, so that an FSDP-wrapped fuser projects with its gathered weights; it is
+        kept only outside training, where gradient checkpointing re-runs this forward)."""
         batch, seq, width = hidden_states.shape
+        kv = kv_cache.get(self.layer_idx) if kv_cache is not None else None
+        if kv is None:
+            kv = self.project(states.to(self.ln.weight.dtype))
+            if kv_cache is not None and not self.training:
+                kv_cache[self.layer_idx] = kv
+        key, value = kv
         x = hidden_states.to(self.ln.weight.dtype)  # the fuser stays float32 under fp16/bf16 (_keep_in_fp32_modules)
         q = self.q_proj(self.ln(x)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         attention_mask = attention_mask.to(q.dtype)
@@ -397,9 +406,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
                 )
             fuser = self.fusers[str(i)] if str(i) in self.fusers else None
             if fuser is not None and context is not None:
-                if i not in context.kv:
-                    context.kv[i] = fuser.project(context.states.to(fuser.ln.weight.dtype))
-                hidden_states = fuser(hidden_states, *context.kv[i], cross_mask, has_key, weight)
+                hidden_states = fuser(hidden_states, context.states, cross_mask, has_key, weight, context.kv)
         hidden_states = gpt2.ln_f(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
