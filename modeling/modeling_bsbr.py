@@ -127,11 +127,15 @@ class BSBRAttention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, dropout_p=dropout
             )
             return out, None
+        weights = self._weights(q, k, mask)
+        return self.attn_dropout(weights) @ v, weights
+
+    def _weights(self, q, k, mask=None):
+        """Explicit softmax weights of q over k (causal where `mask`, True: may read, is None)."""
         if mask is None:
             mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = (q @ k.transpose(-1, -2)) * self.scaling
-        weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
-        return self.attn_dropout(weights) @ v, weights
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
 
     def forward(self, hidden_states, valid, slots, layer_state=None, output_attentions=False):
         """hidden_states (b, T, n_embd). Without a filled cache, rows are compacted (real tokens first) and `valid`
@@ -167,7 +171,12 @@ class BSBRAttention(nn.Module):
 
         # Local term: causal softmax attention inside each chunk, chunks folded into the head axis.
         fold = (b, h * n_chunks, chunk, d)
-        local, weights = self._attend(q.reshape(fold), k.reshape(fold), v.reshape(fold), need_weights=output_attentions)
+        weights = None
+        if output_attentions:  # explicit math, reading real queries' weights back from the returned tensor (_placed)
+            weights, chunk_weights = self._placed(self._weights(q.reshape(fold), k.reshape(fold)), valid, slots, n)
+            local = self.attn_dropout(chunk_weights) @ v.reshape(fold)
+        else:
+            local, _ = self._attend(q.reshape(fold), k.reshape(fold), v.reshape(fold))
         local = local.reshape(b, h, n_chunks, chunk, d)
 
         # Retrieval term, float32. Padded slots get zero features, so they enter no state or normaliser.
@@ -202,20 +211,28 @@ class BSBRAttention(nn.Module):
             layer_state.set(**prefill_state(record, valid.sum(1)))
             if layer_state.record_past:  # crop() may roll back into this prefill
                 layer_state.prefill = dict(record, valid=valid)
-        if weights is not None:
-            weights = self._placed_prefill(weights.view(b, h, n_chunks, chunk, chunk), slots, n)
         return out, weights
 
     @staticmethod
-    def _placed_prefill(weights, slots, n):
-        """Chunk-local weights (b, h, C, B, B) of compacted tokens -> (b, h, n, n) in input order, zero outside each
-        query's chunk. slots (b, C * B): each compacted token's input position (padding past n: its rows are dropped)."""
-        b, h, n_chunks, chunk, _ = weights.shape
+    def _placed(weights, valid, slots, n):
+        """Chunk-local weights (b, h * C, B, B) of compacted tokens -> (placed, used): placed (b, h, n, n) in input
+        order, zero outside each query's chunk, and the chunk-local weights to compute with, in which every real
+        query's row is read back from `placed` (the same values), so that the returned weights are part of the
+        output's graph as GPT-2's are (a gradient reaches them: retain_grad). slots (b, C * B): each compacted token's
+        input position (padding past n: its rows are dropped); valid (b, C * B): which compacted tokens are real."""
+        b, folded, chunk, _ = weights.shape
+        n_chunks = slots.shape[1] // chunk
+        h = folded // n_chunks
+        weights = weights.view(b, h, n_chunks, chunk, chunk)
         keys = slots.view(b, 1, n_chunks, 1, chunk).expand_as(weights)
         by_key = weights.new_zeros(b, h, n_chunks, chunk, n).scatter_add_(4, keys, weights).flatten(2, 3)
         by_key = by_key * (torch.arange(n_chunks * chunk, device=slots.device) < n)[:, None]  # drop padding rows
         queries = slots[:, None, :, None].expand_as(by_key)
-        return weights.new_zeros(b, h, n, n).scatter_add_(2, queries, by_key)
+        placed = weights.new_zeros(b, h, n, n).scatter_add_(2, queries, by_key)
+        rows = placed.gather(2, slots.clamp_max(n - 1)[:, None, :, None].expand(b, h, n_chunks * chunk, n))
+        back = rows.gather(3, keys.reshape(b, h, n_chunks * chunk, chunk))
+        used = torch.where(valid[:, None, :, None], back, weights.flatten(2, 3))
+        return placed, used.view(b, folded, chunk, chunk)
 
     def _decode_step(self, x, q, k, v, real, slot, st, output_attentions, length):
         """One token per row: x (b, n_embd), q/k/v (b, h, d), real (b,) bool, slot (b,) its input position. Updates
@@ -408,17 +425,20 @@ class BSBRModel(BSBRPreTrainedModel):
         # this commutes with everything but the chunking), which makes every row's chunks start at its first real token.
         # (Always, not only when padding is present: no branch on the data, so torch.compile and torch.export trace it.)
         slots = torch.arange(past_length, past_length + seq, device=real.device).expand(batch, seq)
-        restore = lambda t: t  # noqa: E731
+        compact = restore = lambda t: t  # noqa: E731
         if past_length == 0:
             slots = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # input position of each compacted token
-            hidden_states = hidden_states.gather(1, slots[..., None].expand_as(hidden_states))
-            real = real.gather(1, slots)
+            compact = lambda t: t.gather(1, slots[..., None].expand_as(t))  # noqa: E731
             restore = lambda t: t.scatter(1, slots[..., None].expand_as(t), t)  # noqa: E731
+            real = real.gather(1, slots)
+        hidden_states = compact(hidden_states)
 
         all_hidden, all_attn = [], []
         for i, block in enumerate(self.h):
-            if output_hidden_states:
-                all_hidden.append(restore(hidden_states))
+            if output_hidden_states:  # the returned tensor (input order) is the one the next layer reads (retain_grad)
+                hidden_states = restore(hidden_states)
+                all_hidden.append(hidden_states)
+                hidden_states = compact(hidden_states)
             layer_state = cache.layers[i] if cache is not None else None
             hidden_states, weights = block(hidden_states, real, slots, layer_state, output_attentions)
             all_attn.append(weights)
