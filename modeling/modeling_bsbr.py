@@ -37,9 +37,9 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
 from ..configuration.configuration_bsbr import BSBRConfig
-from .bsbr_cache import BSBRCache, prefill_state
+from .bsbr_cache import BSBRCache, BSBRLayer, BSBRStaticLayer, prefill_state
 from .gpt2_inputs import checked_position_ids
-from .hf_compat import CACHE_NAME, cache_kwargs, cache_of, output_flags, pick_cache, returned
+from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 
 
 def feature_map(x, name):
@@ -144,7 +144,8 @@ class BSBRAttention(nn.Module):
         places the local weights: (out, weights (b, heads, T, slots so far) or None)."""
         q, k, v = (self._heads(t) for t in self.c_attn(hidden_states).split(self.config.n_embd, dim=2))
         if layer_state is not None and layer_state.initialized:
-            length = layer_state.seen + hidden_states.shape[1]
+            static = isinstance(layer_state, BSBRStaticLayer)  # weights span a static cache's slots, as GPT-2's do
+            length = layer_state.max_cache_len if static else layer_state.seen + hidden_states.shape[1]
             steps = []
             for t in range(hidden_states.shape[1]):
                 layer_state.record_step()
@@ -208,7 +209,10 @@ class BSBRAttention(nn.Module):
             record = dict(kf=kf, vf=vf, kc=k.view(b, h, n_chunks, chunk, d), vc=v.view(b, h, n_chunks, chunk, d),
                           xc=x.float().view(b, n_chunks, chunk, -1), pc=slots.view(b, n_chunks, chunk), states=states,
                           norms=norms, meta_h=meta_h, s_all=s_all, u_all=u_all)
-            layer_state.set(**prefill_state(record, valid.sum(1)))
+            static = isinstance(layer_state, BSBRStaticLayer)
+            layer_state.set(**prefill_state(record, valid.sum(1), layer_state.capacity(chunk) if static else None))
+            if static:
+                layer_state.seen = layer_state.seen.to(q.device)
             if layer_state.record_past:  # crop() may roll back into this prefill
                 layer_state.prefill = dict(record, valid=valid)
         return out, weights
@@ -263,9 +267,54 @@ class BSBRAttention(nn.Module):
         st.x_run = st.x_run + x.float() * keep[:, None]
         st.fill = st.fill + real.long()
         completed = st.fill == chunk
-        if bool(completed.any()):
+        if isinstance(st, BSBRStaticLayer):
+            self._close_chunks_static(st, completed, x.dtype)
+        elif bool(completed.any()):
             self._close_chunks(st, completed, x.dtype)
         return out, weights
+
+    def _retrieval_state(self, f_store, z_store, h_store, meta_r, chunks):
+        """(S, u) of the chunk after `chunks` completed ones: P = softmax over the stored chunk keys of R . H_j."""
+        slots = torch.arange(f_store.shape[2], device=chunks.device)
+        scores = (h_store @ meta_r[..., None])[..., 0] / math.sqrt(self.head_dim)  # (b, h, capacity)
+        readable = (slots[None, :] < chunks[:, None])[:, None, :]
+        probs = scores.masked_fill(~readable, torch.finfo(scores.dtype).min).softmax(-1) * readable
+        s_new = (probs[:, :, None, :] @ f_store.flatten(-2))[:, :, 0].view(*f_store.shape[:2], *f_store.shape[3:])
+        return s_new, (probs[:, :, None, :] @ z_store)[:, :, 0]
+
+    @staticmethod
+    def _open_next_chunk(st, completed, s_new, u_new, chunks):
+        """Rows that completed a chunk start the next one: its retrieval state, empty running sums."""
+        sel = completed.view(-1, 1, 1)
+        st.s_cur = torch.where(sel[..., None], s_new, st.s_cur)
+        st.u_cur = torch.where(sel, u_new, st.u_cur)
+        st.f_run = torch.where(sel[..., None], 0.0, st.f_run)
+        st.z_run = torch.where(sel, 0.0, st.z_run)
+        st.x_run = torch.where(completed[:, None], 0.0, st.x_run)
+        st.fill = torch.where(completed, 0, st.fill)
+        st.chunks = chunks
+
+    def _close_chunks_static(self, st, completed, dtype):
+        """_close_chunks for a static layer, run at every step without a host synchronisation: each row writes its
+        completed chunk into its store slot (itself again where none completed) in place, a constant cost; the
+        retrieval refresh, linear in the stored chunks, runs eagerly only at steps where a chunk completes, compiled
+        at every step."""
+        b = completed.shape[0]
+        meta_r, meta_h = self._meta(st.x_run / self.chunk, dtype)  # (b, h, d)
+        slot = st.chunks.clamp_max(st.f_store.shape[2] - 1)
+        for store, new in ((st.f_store, st.f_run), (st.z_store, st.z_run), (st.h_store, meta_h)):
+            trailing = [1] * (store.ndim - 3)
+            index = slot.view(b, 1, 1, *trailing).expand(b, store.shape[1], 1, *store.shape[3:])
+            keep = store.gather(2, index)
+            store.scatter_(2, index, torch.where(completed.view(b, 1, 1, *trailing), new[:, :, None], keep))
+        chunks = st.chunks + completed.long()
+        if torch.compiler.is_compiling() or bool(completed.any()):
+            # Compiled, the refresh runs at every step (no branch on the data): torch.cond here dropped the state
+            # updates that follow it under torch 2.13 (model card: cost of a compiled step).
+            s_new, u_new = self._retrieval_state(st.f_store, st.z_store, st.h_store, meta_r, chunks)
+        else:
+            s_new, u_new = st.s_cur, st.u_cur
+        self._open_next_chunk(st, completed, s_new, u_new, chunks)
 
     def _close_chunks(self, st, completed, dtype):
         """Store the state of every row's just-completed chunk and refresh the retrieval state for its next chunk."""
@@ -286,20 +335,9 @@ class BSBRAttention(nn.Module):
         st.h_store = torch.where(write[:, None, :, None], meta_h[:, :, None], st.h_store)
         chunks = st.chunks + completed.long()
 
-        scores = (st.h_store @ meta_r[..., None])[..., 0] / math.sqrt(self.head_dim)  # (b, h, capacity)
-        readable = (slots[None, :] < chunks[:, None])[:, None, :]
-        probs = scores.masked_fill(~readable, torch.finfo(scores.dtype).min).softmax(-1) * readable
-        s_new = (probs[:, :, None, :] @ st.f_store.flatten(-2))[:, :, 0].view_as(st.s_cur)
-        u_new = (probs[:, :, None, :] @ st.z_store)[:, :, 0]
+        s_new, u_new = self._retrieval_state(st.f_store, st.z_store, st.h_store, meta_r, chunks)
 
-        sel = completed.view(b, 1, 1)
-        st.s_cur = torch.where(sel[..., None], s_new, st.s_cur)
-        st.u_cur = torch.where(sel, u_new, st.u_cur)
-        st.f_run = torch.where(sel[..., None], 0.0, st.f_run)
-        st.z_run = torch.where(sel, 0.0, st.z_run)
-        st.x_run = torch.where(completed[:, None], 0.0, st.x_run)
-        st.fill = torch.where(completed, 0, st.fill)
-        st.chunks = chunks
+        self._open_next_chunk(st, completed, s_new, u_new, chunks)
         # The next chunk's tokens go into copies: a recorded earlier state keeps this chunk's keys and values.
         st.k_buf, st.v_buf, st.p_buf = st.k_buf.clone(), st.v_buf.clone(), st.p_buf.clone()
 
@@ -329,9 +367,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BSBRBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
-    # No static cache and no fullgraph compile of cached decoding: the cache grows by one state per completed chunk;
-    # chunks are counted over a 2-D attention_mask, so no custom 4-D masks or packed batches (model card).
-    _can_compile_fullgraph = False
+    # StaticCache holds BSBRStaticLayer layers (bsbr_cache.py), whose decode step compiles to one graph; chunks are
+    # counted over a 2-D attention_mask, so no custom 4-D masks or packed batches (model card).
+    _can_compile_fullgraph = True
     # Small modules read as raw weights by the float32 retrieval path: float32 under fp16 and bf16 (and no quantizer
     # converts them: neither is an nn.Linear). compress_proj exists only with compression_factor > 1 (__init__).
     _keep_in_fp32_modules_strict = ["retrieval_gate"]
@@ -341,10 +379,6 @@ class BSBRPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
         if (config.compression_factor or 1) > 1:
             self._keep_in_fp32_modules_strict = [*self._keep_in_fp32_modules_strict, "compress_proj"]
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls):
-        return False  # generate() must not hand us a DynamicCache: forward() creates a BSBRCache
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -404,29 +438,40 @@ class BSBRModel(BSBRPreTrainedModel):
         )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if cache is not None and not isinstance(cache, BSBRCache):
-            raise TypeError(f"the cache must be a BSBRCache, got {type(cache).__name__}")
+        if cache is not None and (len(cache.layers) != self.config.n_layer
+                                  or not all(isinstance(layer, BSBRLayer) for layer in cache.layers)):
+            raise TypeError(
+                f"GPT2-BSBR caches chunk states, not keys and values: pass a BSBRCache(config), "
+                f"DynamicCache(config=config) or StaticCache(config=config, max_cache_len=...) built from the model's "
+                f"config, got a {type(cache).__name__} with layers {[type(layer).__name__ for layer in cache.layers]}"
+            )
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
-            cache = BSBRCache(self.config.n_layer)
+            cache = BSBRCache(self.config)
         if not use_cache:
             cache = None
-        past_length = cache.get_seq_length() if cache is not None else 0
-        position_ids = checked_position_ids(
-            inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
-        )
-        real = self._real_tokens(attention_mask, batch, seq, past_length, inputs_embeds.device)
+        static = cache is not None and isinstance(cache.layers[0], BSBRStaticLayer)
+        if static:  # a tensor, counted in place, read without synchronising (decode steps compile to one graph)
+            past_length, prefilled = cache.layers[0].seen, cache.layers[0].initialized
+            position_ids, real = self._static_inputs(cache.layers[0], inputs_embeds, attention_mask, position_ids)
+        else:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            prefilled = past_length != 0
+            position_ids = checked_position_ids(
+                inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
+            )
+            real = self._real_tokens(attention_mask, batch, seq, past_length, inputs_embeds.device)
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
 
         # Without a filled cache, move each row's real tokens to the front (layer norms and MLPs act per token, so
         # this commutes with everything but the chunking), which makes every row's chunks start at its first real token.
         # (Always, not only when padding is present: no branch on the data, so torch.compile and torch.export trace it.)
-        slots = torch.arange(past_length, past_length + seq, device=real.device).expand(batch, seq)
+        slots = (past_length + torch.arange(seq, device=real.device)).expand(batch, seq)
         compact = restore = lambda t: t  # noqa: E731
-        if past_length == 0:
+        if not prefilled:
             slots = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # input position of each compacted token
             compact = lambda t: t.gather(1, slots[..., None].expand_as(t))  # noqa: E731
             restore = lambda t: t.scatter(1, slots[..., None].expand_as(t), t)  # noqa: E731
@@ -452,6 +497,32 @@ class BSBRModel(BSBRPreTrainedModel):
             **cache_kwargs(cache),
         )
         return returned(output, return_dict)
+
+    def _static_inputs(self, layer, inputs_embeds, attention_mask, position_ids):
+        """(position_ids, real (b, seq) bool) of new tokens going into a static cache, from an attention_mask that
+        covers the cache's max_cache_len slots (as generate() passes it: create_masks_for_generate) or the
+        past + new ones, without synchronising with the host once the cache is filled."""
+        batch, seq = inputs_embeds.shape[:2]
+        if layer.max_cache_len > self.config.n_positions:
+            raise ValueError(f"the static cache holds {layer.max_cache_len} positions, n_positions is "
+                             f"{self.config.n_positions}")
+        new = layer.seen.to(inputs_embeds.device) + torch.arange(seq, device=inputs_embeds.device)  # (seq,) slots
+        if not torch.compiler.is_compiling():  # eager: the checks that need the host
+            if int(new[-1]) >= layer.max_cache_len:
+                raise ValueError(f"input reaches slot {int(new[-1])}, the static cache holds {layer.max_cache_len}")
+            if attention_mask is not None and attention_mask.shape[-1] == int(new[-1]) + 1:
+                attention_mask = F.pad(attention_mask, (0, layer.max_cache_len - attention_mask.shape[-1]))
+            checked_position_ids(inputs_embeds, 0, self.config.n_positions, None, position_ids)
+        if attention_mask is None:
+            real = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
+        elif attention_mask.ndim != 2 or attention_mask.shape != (batch, layer.max_cache_len):
+            raise ValueError(
+                f"with a static cache, attention_mask must be 2-D (batch, max_cache_len={layer.max_cache_len}) or "
+                f"cover the cached + new positions, got shape {tuple(attention_mask.shape)}"
+            )
+        else:
+            real = attention_mask.gather(1, new.expand(batch, seq)).bool()
+        return (new[None, :] if position_ids is None else position_ids), real
 
     @staticmethod
     def _real_tokens(attention_mask, batch, seq, past_length, device):
@@ -483,16 +554,13 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() gets a BSBRCache from here (transformers' own caches hold keys and values), unless the call
-        brings a cache, turns caching off or asks for a cache_implementation; an assistant model's cache records its
-        past, so that generate() can crop it."""
-        given = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
-        if given or generation_config.use_cache is False or generation_config.cache_implementation is not None:
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        model_kwargs[CACHE_NAME] = BSBRCache(self.config.n_layer)
-        if generation_config.is_assistant:
-            model_kwargs[CACHE_NAME].activate_past_recording()
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+        """generate() asks this for the mask of a compileable (static) cache, instead of transformers' 4-D causal
+        mask (its hook for models with their own masks): the 2-D mask, padded to the cache's max_cache_len slots, so
+        that every decode step has the same shapes (one compiled graph); BSBR counts chunks over it."""
+        if attention_mask is None:
+            return None
+        return F.pad(attention_mask, (0, past_key_values.get_max_length() - attention_mask.shape[-1]))
 
     def forward(
         self,
