@@ -8,9 +8,11 @@ only apply to one row say so by the row's capabilities, as transformers' mixins 
 
 import pytest
 import torch
+from transformers import DynamicCache, StaticCache
 
 from graftlm.configuration.configuration_bsbr import BSBRConfig
 from graftlm.configuration.configuration_dfa import DFAConfig
+from graftlm.modeling.bsbr_cache import BSBRLayer, BSBRStaticLayer
 from graftlm.modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
 from graftlm.modeling.modeling_dfa import DFAForCausalLM, DFAModel
 
@@ -157,7 +159,7 @@ def test_crop_rolls_the_cache_back_exactly(arch, keep):
         for t in range(7, 11):  # one decode step each, crossing a chunk boundary
             net(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
         if keep < 7:  # a prefill of all 11 tokens into an empty cache that records
-            cache = type(cache)(TINY["n_layer"])
+            cache = DynamicCache(config=net.config)
             cache.activate_past_recording()
             net(input_ids=ids, attention_mask=mask, past_key_values=cache)
         cache.crop(-(11 - keep))
@@ -193,3 +195,31 @@ def test_uncached_forward_exports_without_graph_breaks(arch):
     exported = torch.export.export(net, (), kwargs)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(**kwargs)[0], net(**kwargs)[0])
+
+
+def test_bsbr_static_cache_generates_as_the_dynamic_one():
+    """generate(cache_implementation="static") builds transformers' StaticCache of BSBR's fixed-capacity layers
+    (BSBRConfig.layer_types), and decodes the same tokens and scores as the default DynamicCache of BSBR layers, on a
+    left-padded batch crossing chunks."""
+    net = build("bsbr")
+    ids, mask = batch(6)
+    kwargs = dict(max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    dynamic = net.generate(ids, attention_mask=mask, **kwargs)
+    static = net.generate(ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert type(dynamic.past_key_values) is DynamicCache and isinstance(static.past_key_values, StaticCache)
+    assert all(type(layer) is BSBRLayer for layer in dynamic.past_key_values.layers)
+    assert all(type(layer) is BSBRStaticLayer for layer in static.past_key_values.layers)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores))
+    assert int(static.past_key_values.get_seq_length()) == dynamic.past_key_values.get_seq_length() == 6 + 8
+
+
+def test_bsbr_static_cache_refuses_what_it_cannot_hold():
+    net = build("bsbr")
+    ids, mask = batch(6)
+    cache = StaticCache(config=net.config, max_cache_len=8)
+    net(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(ValueError, match="static cache holds 8"):
+        net(input_ids=ids[:, :3], past_key_values=cache)
+    with pytest.raises(TypeError, match="BSBRCache"):
+        net(input_ids=ids, past_key_values=DynamicCache())
