@@ -108,6 +108,10 @@ class BSBRLayer(CacheLayerMixin):
         for name, value in tensors.items():
             setattr(self, name, value)
 
+    def advance(self, **tensors):
+        """A decode step's new tensors: they replace the old ones (kept by reference while recording the past)."""
+        self.set(**tensors)
+
     def record_step(self):
         """Called before each decode step: keep the current tensors (by reference) while recording the past."""
         if self.record_past:
@@ -199,6 +203,12 @@ class BSBRStaticLayer(BSBRLayer, StaticLayer):
     @property
     def values(self):
         return self.v_buf
+
+    def advance(self, **tensors):
+        """A decode step's new tensors, copied into the layer's own (fixed addresses: what a compiled step mutates;
+        torch 2.13's dynamo drops attribute assignments that follow a torch.cond, in-place writes it keeps)."""
+        for name, value in tensors.items():
+            getattr(self, name).copy_(value)
 
     def capacity(self, chunk):
         """Completed chunks the stores hold."""

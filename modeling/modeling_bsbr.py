@@ -240,8 +240,8 @@ class BSBRAttention(nn.Module):
 
     def _decode_step(self, x, q, k, v, real, slot, st, output_attentions, length):
         """One token per row: x (b, n_embd), q/k/v (b, h, d), real (b,) bool, slot (b,) its input position. Updates
-        the layer state: the key/value buffers in place (only the slot past the valid ones), every other tensor by
-        replacing it (BSBRLayerState). Returns (out (b, h, d), weights (b, h, length) over input slots or None)."""
+        the layer state: the key/value buffers in place (only the slot past the valid ones), every other tensor
+        through BSBRLayer.advance. Returns (out (b, h, d), weights (b, h, length) over input slots or None)."""
         b, h, d = q.shape
         chunk = self.chunk
         slot_index = st.fill.view(b, 1, 1, 1).expand(b, h, 1, d)
@@ -262,10 +262,8 @@ class BSBRAttention(nn.Module):
 
         keep = real.float()
         kf = self._features(k) * keep.view(b, 1, 1)
-        st.f_run = st.f_run + kf[..., None] * v.float()[:, :, None, :]
-        st.z_run = st.z_run + kf
-        st.x_run = st.x_run + x.float() * keep[:, None]
-        st.fill = st.fill + real.long()
+        st.advance(f_run=st.f_run + kf[..., None] * v.float()[:, :, None, :], z_run=st.z_run + kf,
+                   x_run=st.x_run + x.float() * keep[:, None], fill=st.fill + real.long())
         completed = st.fill == chunk
         if isinstance(st, BSBRStaticLayer):
             self._close_chunks_static(st, completed, x.dtype)
@@ -286,19 +284,18 @@ class BSBRAttention(nn.Module):
     def _open_next_chunk(st, completed, s_new, u_new, chunks):
         """Rows that completed a chunk start the next one: its retrieval state, empty running sums."""
         sel = completed.view(-1, 1, 1)
-        st.s_cur = torch.where(sel[..., None], s_new, st.s_cur)
-        st.u_cur = torch.where(sel, u_new, st.u_cur)
-        st.f_run = torch.where(sel[..., None], 0.0, st.f_run)
-        st.z_run = torch.where(sel, 0.0, st.z_run)
-        st.x_run = torch.where(completed[:, None], 0.0, st.x_run)
-        st.fill = torch.where(completed, 0, st.fill)
-        st.chunks = chunks
+        st.advance(
+            s_cur=torch.where(sel[..., None], s_new, st.s_cur), u_cur=torch.where(sel, u_new, st.u_cur),
+            f_run=torch.where(sel[..., None], 0.0, st.f_run), z_run=torch.where(sel, 0.0, st.z_run),
+            x_run=torch.where(completed[:, None], 0.0, st.x_run), fill=torch.where(completed, 0, st.fill),
+            chunks=chunks,
+        )
 
     def _close_chunks_static(self, st, completed, dtype):
         """_close_chunks for a static layer, run at every step without a host synchronisation: each row writes its
         completed chunk into its store slot (itself again where none completed) in place, a constant cost; the
-        retrieval refresh, linear in the stored chunks, runs eagerly only at steps where a chunk completes, compiled
-        at every step."""
+        retrieval refresh, linear in the stored chunks, runs only at steps where a chunk completes (torch.cond when
+        compiled)."""
         b = completed.shape[0]
         meta_r, meta_h = self._meta(st.x_run / self.chunk, dtype)  # (b, h, d)
         slot = st.chunks.clamp_max(st.f_store.shape[2] - 1)
@@ -308,12 +305,13 @@ class BSBRAttention(nn.Module):
             keep = store.gather(2, index)
             store.scatter_(2, index, torch.where(completed.view(b, 1, 1, *trailing), new[:, :, None], keep))
         chunks = st.chunks + completed.long()
-        if torch.compiler.is_compiling() or bool(completed.any()):
-            # Compiled, the refresh runs at every step (no branch on the data): torch.cond here dropped the state
-            # updates that follow it under torch 2.13 (model card: cost of a compiled step).
-            s_new, u_new = self._retrieval_state(st.f_store, st.z_store, st.h_store, meta_r, chunks)
+        operands = (st.f_store, st.z_store, st.h_store, meta_r, chunks, st.s_cur, st.u_cur)
+        refresh = lambda f, z, h, r, c, s, u: self._retrieval_state(f, z, h, r, c)  # noqa: E731
+        unchanged = lambda f, z, h, r, c, s, u: (s.clone(), u.clone())  # noqa: E731
+        if torch.compiler.is_compiling():  # no branch on the data in the graph; the state updates in place (advance)
+            s_new, u_new = torch.cond(completed.any(), refresh, unchanged, operands)
         else:
-            s_new, u_new = st.s_cur, st.u_cur
+            s_new, u_new = (refresh if bool(completed.any()) else unchanged)(*operands)
         self._open_next_chunk(st, completed, s_new, u_new, chunks)
 
     def _close_chunks(self, st, completed, dtype):
