@@ -18,8 +18,8 @@ the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
 
 transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
 initialization, modeling_layers.GradientCheckpointingLayer, modeling_outputs.{BaseModelOutputWithPast,
-CausalLMOutputWithPast}, modeling_utils.slice_logits_to_keep, models.gpt2.modeling_gpt2.GPT2MLP,
-pytorch_utils.Conv1D, and cache_utils.Cache (bsbr_cache.py). The cache's name differs between releases:
+CausalLMOutputWithPast}, modeling_utils.{ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep},
+models.gpt2.modeling_gpt2.GPT2MLP, pytorch_utils.Conv1D, and cache_utils (bsbr_cache.py). The cache's name differs between releases:
 hf_compat.CACHE_NAME.
 """
 
@@ -32,7 +32,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
@@ -81,6 +81,15 @@ class RetrievalGate(nn.Module):
         return self.weight
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The local term's explicit math, in transformers' attention-interface convention: query/key/value
+    (b, heads, tokens, d), attention_mask bool (True: may read) or None for causal -> (out (b, tokens, heads, d),
+    weights). `scaling` is the module's own (BSBRAttention.scaling)."""
+    weights = module._weights(query, key, attention_mask)
+    out = F.dropout(weights, p=dropout, training=module.training) @ value
+    return out.transpose(1, 2), weights
+
+
 class BSBRAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -119,16 +128,16 @@ class BSBRAttention(nn.Module):
         return self._heads(self.meta_r_proj(summary).float()), self._heads(self.meta_h_proj(summary).float())
 
     def _attend(self, q, k, v, mask=None, need_weights=False):
-        """Softmax attention of q over k/v, causal where `mask` (True: may read) is None: (out, weights or None).
-        SDPA, or its explicit math when the weights are wanted (output_attentions)."""
-        dropout = self.attn_dropout.p if self.training else 0.0
+        """Softmax attention of q over k/v (b, heads, tokens, d), causal where `mask` (True: may read) is None:
+        (out, weights or None), by the config's attn_implementation (eager_attention_forward, or transformers'
+        "sdpa"), or explicit math whenever the weights are wanted (output_attentions)."""
+        implementation = self.config._attn_implementation or "sdpa"
+        attend = eager_attention_forward
         if not need_weights:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, dropout_p=dropout
-            )
-            return out, None
-        weights = self._weights(q, k, mask)
-        return self.attn_dropout(weights) @ v, weights
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        dropout = self.attn_dropout.p if self.training else 0.0
+        out, weights = attend(self, q, k, v, mask, dropout=dropout, scaling=self.scaling, is_causal=mask is None)
+        return out.transpose(1, 2), weights
 
     def _weights(self, q, k, mask=None):
         """Explicit softmax weights of q over k (causal where `mask`, True: may read, is None)."""
