@@ -19,8 +19,8 @@ the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
 transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
 initialization, modeling_layers.GradientCheckpointingLayer, modeling_outputs.{BaseModelOutputWithPast,
 CausalLMOutputWithPast}, modeling_utils.{ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep},
-models.gpt2.modeling_gpt2.GPT2MLP, pytorch_utils.Conv1D, and cache_utils (bsbr_cache.py). The cache's name differs between releases:
-hf_compat.CACHE_NAME.
+models.gpt2.modeling_gpt2.GPT2MLP, pytorch_utils.Conv1D, and cache_utils (bsbr_cache.py). The cache's name differs
+between releases: hf_compat.CACHE_NAME.
 """
 
 import math
@@ -561,13 +561,16 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, cache=None,
+                                  **kwargs):
         """generate() asks this for the mask of a compileable (static) cache, instead of transformers' 4-D causal
         mask (its hook for models with their own masks): the 2-D mask, padded to the cache's max_cache_len slots, so
-        that every decode step has the same shapes (one compiled graph); BSBR counts chunks over it."""
+        that every decode step has the same shapes (one compiled graph); BSBR counts chunks over it. The cache comes
+        as `cache` (transformers >= 5.24) or `past_key_values` (before)."""
         if attention_mask is None:
             return None
-        return F.pad(attention_mask, (0, past_key_values.get_max_length() - attention_mask.shape[-1]))
+        slots = pick_cache(cache, past_key_values).get_max_length()
+        return F.pad(attention_mask, (0, slots - attention_mask.shape[-1]))
 
     def forward(
         self,
