@@ -506,29 +506,32 @@ class BSBRModel(BSBRPreTrainedModel):
         return returned(output, return_dict)
 
     def _static_inputs(self, layer, inputs_embeds, attention_mask, position_ids):
-        """(position_ids, real (b, seq) bool) of new tokens going into a static cache, from an attention_mask that
-        covers the cache's max_cache_len slots (as generate() passes it: create_masks_for_generate) or the
-        past + new ones, without synchronising with the host once the cache is filled."""
+        """(position_ids, real (b, seq) bool) of new tokens going into a static cache, from a 2-D attention_mask that
+        covers the cache's max_cache_len slots (as generate() passes it: create_masks_for_generate) or the cached +
+        new positions, without synchronising with the host once compiled (eager calls check the lengths)."""
         batch, seq = inputs_embeds.shape[:2]
         if layer.max_cache_len > self.config.n_positions:
             raise ValueError(f"the static cache holds {layer.max_cache_len} positions, n_positions is "
                              f"{self.config.n_positions}")
         new = layer.seen.to(inputs_embeds.device) + torch.arange(seq, device=inputs_embeds.device)  # (seq,) slots
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(f"GPT2-BSBR takes a 2-D (batch, seq) attention_mask, got {attention_mask.ndim}-D")
         if not torch.compiler.is_compiling():  # eager: the checks that need the host
-            if int(new[-1]) >= layer.max_cache_len:
-                raise ValueError(f"input reaches slot {int(new[-1])}, the static cache holds {layer.max_cache_len}")
-            if attention_mask is not None and attention_mask.shape[-1] == int(new[-1]) + 1:
-                attention_mask = F.pad(attention_mask, (0, layer.max_cache_len - attention_mask.shape[-1]))
+            end = int(new[-1]) + 1
+            if end > layer.max_cache_len:
+                raise ValueError(f"input reaches slot {end - 1}, the static cache holds {layer.max_cache_len}")
+            if attention_mask is not None and attention_mask.shape not in ((batch, layer.max_cache_len), (batch, end)):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {end}) (cached + new "
+                    f"positions) or ({batch}, {layer.max_cache_len}) (the static cache's slots)"
+                )
             checked_position_ids(inputs_embeds, 0, self.config.n_positions, None, position_ids)
         if attention_mask is None:
             real = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
-        elif attention_mask.ndim != 2 or attention_mask.shape != (batch, layer.max_cache_len):
-            raise ValueError(
-                f"with a static cache, attention_mask must be 2-D (batch, max_cache_len={layer.max_cache_len}) or "
-                f"cover the cached + new positions, got shape {tuple(attention_mask.shape)}"
-            )
-        else:
+        elif attention_mask.shape[1] == layer.max_cache_len:
             real = attention_mask.gather(1, new.expand(batch, seq)).bool()
+        else:  # cached + new positions: the new tokens are the last columns
+            real = attention_mask[:, -seq:].bool()
         return (new[None, :] if position_ids is None else position_ids), real
 
     @staticmethod

@@ -238,3 +238,24 @@ def test_bsbr_attn_implementation_switches_the_local_term():
     torch.testing.assert_close(eager, sdpa)
     with pytest.raises(ValueError, match="foo"):
         net.set_attn_implementation("foo")
+
+
+def test_bsbr_compiled_decode_completes_chunks_in_one_graph():
+    """Decode steps on a static cache, compiled with fullgraph=True (no graph break, no host sync), give the eager
+    logits and cache state over steps that complete a chunk in one row and not in the other (the retrieval refresh is
+    a torch.cond). aot_eager traces as inductor does without its slow CPU code generation."""
+    net = build("bsbr")
+    ids, mask = batch(6)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    caches = [StaticCache(config=net.config, max_cache_len=12) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            net(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        for t in range(5):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            step = dict(input_ids=ids[:, t : t + 1], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1)
+            eager = net(**step, past_key_values=caches[0]).logits
+            torch.testing.assert_close(compiled(**step, past_key_values=caches[1]).logits, eager)
+    eager_layer, compiled_layer = caches[0].layers[-1], caches[1].layers[-1]
+    assert eager_layer.chunks.tolist() == compiled_layer.chunks.tolist() == [2, 2]
+    torch.testing.assert_close(compiled_layer.s_cur, eager_layer.s_cur)
