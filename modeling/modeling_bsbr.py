@@ -166,7 +166,7 @@ class BSBRAttention(nn.Module):
             out, weights = self._chunked(hidden_states, q, k, v, valid, slots, layer_state, output_attentions)
         if layer_state is not None:
             layer_state.seen += hidden_states.shape[1]
-        out = self.c_proj(out.transpose(1, 2).reshape(hidden_states.shape))
+        out = self.c_proj(out.transpose(1, 2).contiguous().view(hidden_states.shape))  # Conv1D views its input
         return self.resid_dropout(out), weights
 
     def _chunked(self, x, q, k, v, valid, slots, layer_state, output_attentions):
