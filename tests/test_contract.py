@@ -13,6 +13,7 @@ from transformers import DynamicCache, StaticCache
 from graftlm.configuration.configuration_bsbr import BSBRConfig
 from graftlm.configuration.configuration_dfa import DFAConfig
 from graftlm.modeling.bsbr_cache import BSBRLayer, BSBRStaticLayer
+from graftlm.modeling import modeling_bsbr
 from graftlm.modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
 from graftlm.modeling.modeling_dfa import DFAForCausalLM, DFAModel
 
@@ -259,3 +260,35 @@ def test_bsbr_compiled_decode_completes_chunks_in_one_graph():
     eager_layer, compiled_layer = caches[0].layers[-1], caches[1].layers[-1]
     assert eager_layer.chunks.tolist() == compiled_layer.chunks.tolist() == [2, 2]
     torch.testing.assert_close(compiled_layer.s_cur, eager_layer.s_cur)
+
+
+@pytest.mark.parametrize("head", ["SequenceClassification", "TokenClassification", "QuestionAnswering"])
+def test_bsbr_task_heads_are_gpt2s_within_a_chunk(head):
+    """BSBR's task heads keep GPT-2's names and rules: with GPT-2's weights (retrieval gates at 0) and an input no
+    longer than a chunk, they give GPT-2's outputs (at real positions; padded ones are computed differently) and
+    loss on a left-padded batch, and the Auto class of the task builds them."""
+    import transformers
+
+    torch.manual_seed(0)
+    stock = getattr(transformers, f"GPT2For{head}")(transformers.GPT2Config(**TINY, num_labels=3)).eval()
+    config = BSBRConfig(**TINY, num_labels=3, chunk_size=16)
+    ours = getattr(transformers, f"AutoModelFor{head}").from_config(config).eval()
+    assert type(ours) is getattr(modeling_bsbr, f"BSBRFor{head}")
+    missing, unexpected = ours.load_state_dict(stock.state_dict(), strict=False)
+    assert not unexpected and all("meta_" in key or "retrieval_gate" in key for key in missing)
+    ids, mask = batch(11)
+    labels = {"SequenceClassification": dict(labels=torch.tensor([0, 2])),
+              "TokenClassification": dict(labels=torch.randint(0, 3, ids.shape).masked_fill(mask == 0, -100)),
+              "QuestionAnswering": dict(start_positions=torch.tensor([4, 1]), end_positions=torch.tensor([6, 9]))}[head]
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0), **labels)
+    with torch.no_grad():
+        expected, got = stock(**kwargs), ours(**kwargs)
+    real = mask.bool()
+    for name in ("logits", "start_logits", "end_logits"):
+        if name in expected:
+            want, have = expected[name], got[name]
+            if have.ndim > 1 and have.shape[1] == ids.shape[1]:  # per token: real positions only
+                want, have = want[real], have[real]
+            torch.testing.assert_close(have, want)
+    if head != "QuestionAnswering":  # a span loss is a softmax over every position, padding included
+        torch.testing.assert_close(got.loss, expected.loss)
