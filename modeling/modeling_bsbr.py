@@ -43,8 +43,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
-from ..configuration.configuration_bsbr import BSBRConfig
-from .bsbr_cache import BSBRCache, BSBRLayer, BSBRStaticLayer, prefill_state
+from ..configuration.configuration_bsbr import LAYER_TYPE, BSBRConfig
+from .bsbr_cache import BSBRCache, prefill_state
 from .gpt2_inputs import checked_position_ids
 from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 
@@ -160,7 +160,7 @@ class BSBRAttention(nn.Module):
         places the local weights: (out, weights (b, heads, T, slots so far) or None)."""
         q, k, v = (self._heads(t) for t in self.c_attn(hidden_states).split(self.config.n_embd, dim=2))
         if layer_state is not None and layer_state.initialized:
-            static = isinstance(layer_state, BSBRStaticLayer)  # weights span a static cache's slots, as GPT-2's do
+            static = layer_state.is_compileable  # a static layer: weights span its slots, as GPT-2's do
             length = layer_state.max_cache_len if static else layer_state.seen + hidden_states.shape[1]
             steps = []
             for t in range(hidden_states.shape[1]):
@@ -225,7 +225,7 @@ class BSBRAttention(nn.Module):
             record = dict(kf=kf, vf=vf, kc=k.view(b, h, n_chunks, chunk, d), vc=v.view(b, h, n_chunks, chunk, d),
                           xc=x.float().view(b, n_chunks, chunk, -1), pc=slots.view(b, n_chunks, chunk), states=states,
                           norms=norms, meta_h=meta_h, s_all=s_all, u_all=u_all)
-            static = isinstance(layer_state, BSBRStaticLayer)
+            static = layer_state.is_compileable  # a static layer
             layer_state.set(**prefill_state(record, valid.sum(1), layer_state.capacity(chunk) if static else None))
             if static:
                 layer_state.seen = layer_state.seen.to(q.device)
@@ -281,7 +281,7 @@ class BSBRAttention(nn.Module):
         st.advance(f_run=st.f_run + kf[..., None] * v.float()[:, :, None, :], z_run=st.z_run + kf,
                    x_run=st.x_run + x.float() * keep[:, None], fill=st.fill + real.long())
         completed = st.fill == chunk
-        if isinstance(st, BSBRStaticLayer):
+        if st.is_compileable:  # a static layer
             self._close_chunks_static(st, completed, x.dtype)
         elif bool(completed.any()):
             self._close_chunks(st, completed, x.dtype)
@@ -453,7 +453,7 @@ class BSBRModel(BSBRPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if cache is not None and (len(cache.layers) != self.config.n_layer
-                                  or not all(isinstance(layer, BSBRLayer) for layer in cache.layers)):
+                                  or any(getattr(layer, "_layer_type", None) != LAYER_TYPE for layer in cache.layers)):
             raise TypeError(
                 f"GPT2-BSBR caches chunk states, not keys and values: pass a BSBRCache(config), "
                 f"DynamicCache(config=config) or StaticCache(config=config, max_cache_len=...) built from the model's "
@@ -467,7 +467,9 @@ class BSBRModel(BSBRPreTrainedModel):
             cache = BSBRCache(self.config)
         if not use_cache:
             cache = None
-        static = cache is not None and isinstance(cache.layers[0], BSBRStaticLayer)
+        # By layer type, not class: every export registers its own copy of the layer classes with transformers (the
+        # last one imported builds the caches), and they are interchangeable.
+        static = cache is not None and cache.layers[0].is_compileable  # BSBRStaticLayer
         if static:  # a tensor, counted in place, read without synchronising (decode steps compile to one graph)
             past_length, prefilled = cache.layers[0].seen, cache.layers[0].initialized
             position_ids, real = self._static_inputs(cache.layers[0], inputs_embeds, attention_mask, position_ids)
