@@ -4,6 +4,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config
 
 FEATURE_MAPS = ("elu+1", "softplus")
+LAYER_TYPE = "bsbr_chunk_retrieval"  # the cache layer type of every BSBR layer (modeling/bsbr_cache.py registers it)
 
 
 @strict
@@ -32,6 +33,16 @@ class BSBRConfig(GPT2Config):
         return self.n_embd // self.n_head
 
     @property
+    def layer_types(self):
+        """Every layer is a BSBR layer: transformers' DynamicCache(config=...) and StaticCache(config=...) build the
+        model's cache layers from this (modeling/bsbr_cache.py registers the type)."""
+        return [LAYER_TYPE] * self.n_layer
+
+    def validate_layer_type(self):
+        """transformers checks layer_types against its own attention types; BSBR's are derived above (one type, its
+        own, which its modeling file registers with transformers' cache layers), so there is nothing to check."""
+
+    @property
     def state_dim(self):
         """Feature dimension of the chunk states (rows of F_j, entries of z_j)."""
         return self.head_dim // (self.compression_factor or 1)
@@ -56,4 +67,4 @@ class BSBRConfig(GPT2Config):
             raise ValueError(f"retrieval_eps must be > 0, got {self.retrieval_eps}")
 
 
-__all__ = ["BSBRConfig"]
+__all__ = ["BSBRConfig", "LAYER_TYPE"]

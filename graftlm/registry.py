@@ -50,9 +50,14 @@ def _register_all():
     register(Architecture("dfa", DFAConfig, {"AutoModel": DFAModel, "AutoModelForCausalLM": DFAForCausalLM}))
 
     from .configuration.configuration_bsbr import BSBRConfig
-    from .modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
+    from .modeling import modeling_bsbr as bsbr
 
-    register(Architecture("bsbr", BSBRConfig, {"AutoModel": BSBRModel, "AutoModelForCausalLM": BSBRForCausalLM}))
+    register(Architecture("bsbr", BSBRConfig, {
+        "AutoModel": bsbr.BSBRModel, "AutoModelForCausalLM": bsbr.BSBRForCausalLM,
+        "AutoModelForSequenceClassification": bsbr.BSBRForSequenceClassification,
+        "AutoModelForTokenClassification": bsbr.BSBRForTokenClassification,
+        "AutoModelForQuestionAnswering": bsbr.BSBRForQuestionAnswering,
+    }))
 
     from .configuration.configuration_bridge import BridgeConfig
     from .modeling.modeling_bridge import BridgeForConditionalGeneration

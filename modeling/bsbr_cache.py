@@ -1,8 +1,19 @@
 """Generation cache of GPT2-BSBR: per layer, the current chunk's keys and values, the running state of that chunk,
-and, per completed chunk j, its state F_j, normaliser z_j and key H_j. Its size grows with n / chunk_size, not n."""
+and, per completed chunk j, its state F_j, normaliser z_j and key H_j. Its size grows with n / chunk_size, not n.
+
+The layers are transformers cache layers of their own type (LAYER_TYPE, which BSBRConfig.layer_types names for every
+layer), registered through CacheLayerMixin._layer_type: transformers' own DynamicCache(config=...) and
+StaticCache(config=..., max_cache_len=...) build them, so generate() prepares, reorders, crops and continues them as
+it does any cache, and `cache_implementation="static"` gives the compileable BSBRStaticLayer (fixed capacity).
+transformers internals imported here: cache_utils.{CacheLayerMixin, DynamicCache, StaticLayer} and their
+`_layer_type` registration (every release in hf_compat's range).
+"""
 
 import torch
-from transformers.cache_utils import Cache
+import torch.nn.functional as F
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, StaticLayer
+
+from ..configuration.configuration_bsbr import LAYER_TYPE
 
 # (name, batch dim first) of every tensor one layer keeps; all are indexed by the batch row first.
 _TENSORS = (
@@ -22,7 +33,7 @@ _TENSORS = (
 )
 
 
-def prefill_state(record, lengths):
+def prefill_state(record, lengths, capacity=None):
     """The layer tensors after each row's first `lengths` real tokens of a prefill. record: what the prefill computed
     per chunk (C chunks of B slots, real tokens first): features kf (b, h, C, B, s) and float values vf, keys kc and
     values vc (b, h, C, B, d), float layer inputs xc (b, C, B, n_embd), input positions pc (b, C, B), chunk states
@@ -33,17 +44,22 @@ def prefill_state(record, lengths):
     keep = (torch.arange(chunk, device=lengths.device) < fill[:, None]).float()  # (b, B)
     kf_open = record["kf"][rows, :, open_chunk] * keep[:, None, :, None]  # (b, h, B, s)
     done = int(open_chunk.max())
+    stores = (record["states"][:, :, :done], record["norms"][:, :, :done], record["meta_h"][:, :, :done])
+    if capacity is not None:  # a static layer's stores hold `capacity` chunks from the start
+        if done > capacity:
+            raise ValueError(f"the prompt completes {done} chunks, the static cache holds {capacity}")
+        stores = [F.pad(t, (0, 0) * (t.ndim - 3) + (0, capacity - done)) for t in stores]
     return dict(
         k_buf=record["kc"][rows, :, open_chunk], v_buf=record["vc"][rows, :, open_chunk],
         p_buf=record["pc"][rows, open_chunk], f_run=kf_open.transpose(-1, -2) @ record["vf"][rows, :, open_chunk],
         z_run=kf_open.sum(-2), x_run=(record["xc"][rows, open_chunk] * keep[..., None]).sum(1), fill=fill,
-        chunks=open_chunk, f_store=record["states"][:, :, :done].clone(), z_store=record["norms"][:, :, :done].clone(),
-        h_store=record["meta_h"][:, :, :done].clone(), s_cur=record["s_all"][rows, :, open_chunk],
+        chunks=open_chunk, f_store=stores[0].clone(), z_store=stores[1].clone(), h_store=stores[2].clone(),
+        s_cur=record["s_all"][rows, :, open_chunk],
         u_cur=record["u_all"][rows, :, open_chunk],
     )
 
 
-class BSBRLayerState:
+class BSBRLayer(CacheLayerMixin):
     """The cached state of one BSBR layer. `seen` counts input slots (padding included), as generate() expects.
 
     The decode step replaces the running tensors instead of updating them in place (the key/value buffers excepted:
@@ -53,7 +69,11 @@ class BSBRLayerState:
     and, where a crop reaches back past a chunk boundary, that chunk's stored state and the retrieval state built on it.
     """
 
-    def __init__(self):
+    _layer_type = LAYER_TYPE  # registers the class in transformers' DYNAMIC_LAYER_TYPE_MAPPING
+    is_compileable = False  # grows by one state per completed chunk
+    supports_early_init = False  # its tensors come from the prefill (like transformers' linear-attention layers)
+
+    def __init__(self, **kwargs):
         self.seen = 0
         self.record_past = False
         self.history = []  # while recording: the tensors before each decode step since the last crop
@@ -64,6 +84,12 @@ class BSBRLayerState:
     @property
     def initialized(self):
         return self.fill is not None
+
+    is_initialized = initialized  # transformers' name
+
+    @property
+    def is_croppable(self):
+        return self.record_past  # crop() rolls back what was recorded (activate_past_recording, as generate() does)
 
     @property
     def keys(self):
@@ -81,6 +107,10 @@ class BSBRLayerState:
             raise KeyError(f"unknown BSBR cache tensors: {sorted(unknown)}")
         for name, value in tensors.items():
             setattr(self, name, value)
+
+    def advance(self, **tensors):
+        """A decode step's new tensors: they replace the old ones (kept by reference while recording the past)."""
+        self.set(**tensors)
 
     def record_step(self):
         """Called before each decode step: keep the current tensors (by reference) while recording the past."""
@@ -137,33 +167,80 @@ class BSBRLayerState:
     def get_max_length(self):
         return -1  # grows with the input, one state per completed chunk
 
+    def get_mask_sizes(self, query_length):
+        return self.get_seq_length() + query_length, 0  # (kv_length, kv_offset): every input slot, as a 2-D mask
+
+    def lazy_initialization(self, key_states, value_states):
+        raise NotImplementedError("a BSBR layer is filled by BSBRAttention's prefill, not from keys and values")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError("a BSBR layer is filled by BSBRAttention, not by Cache.update(keys, values)")
+
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in _TENSORS) if t is not None)
 
 
-class BSBRCache(Cache):
-    """One BSBRLayerState per layer, following transformers' Cache API: generate() creates it
-    (BSBRForCausalLM._prepare_cache_for_generation), reorders it for beams, crops it for assisted decoding and prompt
-    lookup (with past recording), and continues from a returned one. Not compileable (it grows by one state per
-    chunk)."""
+class BSBRStaticLayer(BSBRLayer, StaticLayer):
+    """BSBRLayer with a fixed capacity, for StaticCache (generate's `cache_implementation="static"`) and
+    torch.compile: room for max_cache_len // chunk_size completed chunks from the prefill on, `seen` a tensor counted
+    in place (no recompilation per step), and the decode step without host synchronisation or data-dependent Python
+    branches (BSBRAttention._decode_step). Not croppable, as transformers' static layers."""
 
-    def __init__(self, num_layers):
-        super().__init__(layers=[BSBRLayerState() for _ in range(num_layers)])
+    _layer_type = LAYER_TYPE  # registers the class in transformers' STATIC_LAYER_TYPE_MAPPING
+    is_compileable = True
+    is_croppable = False
 
-    def get_seq_length(self, layer_idx=0):
-        return self.layers[layer_idx].seen
+    def __init__(self, max_cache_len, **kwargs):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.seen = torch.tensor(0, dtype=torch.long)
 
     @property
-    def is_compileable(self):
-        return False
+    def keys(self):
+        """(batch, heads, chunk_size, head_dim): the open chunk's slots, a fixed shape (slots past fill are stale)."""
+        return self.k_buf
 
     @property
-    def is_croppable(self):
-        return True  # with past recording on (generate() turns it on where it crops)
+    def values(self):
+        return self.v_buf
+
+    def advance(self, **tensors):
+        """A decode step's new tensors, copied into the layer's own (fixed addresses: what a compiled step mutates;
+        torch 2.13's dynamo drops attribute assignments that follow a torch.cond, in-place writes it keeps)."""
+        for name, value in tensors.items():
+            getattr(self, name).copy_(value)
+
+    def capacity(self, chunk):
+        """Completed chunks the stores hold."""
+        return max(1, self.max_cache_len // chunk)
+
+    def reset(self):
+        self.__init__(self.max_cache_len)
+
+    def get_seq_length(self):
+        return self.seen
+
+    def get_max_length(self):
+        return self.max_cache_len
+
+    def get_mask_sizes(self, query_length):
+        return self.max_cache_len, 0
+
+    def activate_past_recording(self):
+        raise NotImplementedError("a static BSBR layer keeps no past to crop back to; use the dynamic cache")
+
+
+class BSBRCache(DynamicCache):
+    """transformers' DynamicCache of BSBR layers (what DynamicCache(config=config) builds for a BSBRConfig), plus
+    nbytes(): what the model's forward creates under use_cache=True when given no cache. generate() creates its cache
+    itself (DynamicCache or, with cache_implementation="static", StaticCache): both hold BSBR layers."""
+
+    def __init__(self, config):
+        super().__init__(config=config)
 
     def nbytes(self):
         """Bytes held by all layers' tensors (what the cache costs in memory)."""
         return sum(layer.nbytes() for layer in self.layers)
 
 
-__all__ = ["BSBRCache", "BSBRLayerState", "prefill_state"]
+__all__ = ["BSBRCache", "BSBRLayer", "BSBRStaticLayer", "LAYER_TYPE", "prefill_state"]

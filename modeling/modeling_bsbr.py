@@ -18,9 +18,10 @@ the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
 
 transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
 initialization, modeling_layers.GradientCheckpointingLayer, modeling_outputs.{BaseModelOutputWithPast,
-CausalLMOutputWithPast}, modeling_utils.slice_logits_to_keep, models.gpt2.modeling_gpt2.GPT2MLP,
-pytorch_utils.Conv1D, and cache_utils.Cache (bsbr_cache.py). The cache's name differs between releases:
-hf_compat.CACHE_NAME.
+CausalLMOutputWithPast, QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast, TokenClassifierOutput},
+modeling_utils.{ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep},
+models.gpt2.modeling_gpt2.GPT2MLP, pytorch_utils.Conv1D, and cache_utils (bsbr_cache.py). The cache's name differs
+between releases: hf_compat.CACHE_NAME.
 """
 
 import math
@@ -31,15 +32,21 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
-from ..configuration.configuration_bsbr import BSBRConfig
+from ..configuration.configuration_bsbr import LAYER_TYPE, BSBRConfig
 from .bsbr_cache import BSBRCache, prefill_state
 from .gpt2_inputs import checked_position_ids
-from .hf_compat import CACHE_NAME, cache_kwargs, cache_of, output_flags, pick_cache, returned
+from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 
 
 def feature_map(x, name):
@@ -81,6 +88,15 @@ class RetrievalGate(nn.Module):
         return self.weight
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The local term's explicit math, in transformers' attention-interface convention: query/key/value
+    (b, heads, tokens, d), attention_mask bool (True: may read) or None for causal -> (out (b, tokens, heads, d),
+    weights). `scaling` is the module's own (BSBRAttention.scaling)."""
+    weights = module._weights(query, key, attention_mask)
+    out = F.dropout(weights, p=dropout, training=module.training) @ value
+    return out.transpose(1, 2), weights
+
+
 class BSBRAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -119,19 +135,23 @@ class BSBRAttention(nn.Module):
         return self._heads(self.meta_r_proj(summary).float()), self._heads(self.meta_h_proj(summary).float())
 
     def _attend(self, q, k, v, mask=None, need_weights=False):
-        """Softmax attention of q over k/v, causal where `mask` (True: may read) is None: (out, weights or None).
-        SDPA, or its explicit math when the weights are wanted (output_attentions)."""
-        dropout = self.attn_dropout.p if self.training else 0.0
+        """Softmax attention of q over k/v (b, heads, tokens, d), causal where `mask` (True: may read) is None:
+        (out, weights or None), by the config's attn_implementation (eager_attention_forward, or transformers'
+        "sdpa"), or explicit math whenever the weights are wanted (output_attentions)."""
+        implementation = self.config._attn_implementation or "sdpa"
+        attend = eager_attention_forward
         if not need_weights:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, dropout_p=dropout
-            )
-            return out, None
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        dropout = self.attn_dropout.p if self.training else 0.0
+        out, weights = attend(self, q, k, v, mask, dropout=dropout, scaling=self.scaling, is_causal=mask is None)
+        return out.transpose(1, 2), weights
+
+    def _weights(self, q, k, mask=None):
+        """Explicit softmax weights of q over k (causal where `mask`, True: may read, is None)."""
         if mask is None:
             mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = (q @ k.transpose(-1, -2)) * self.scaling
-        weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
-        return self.attn_dropout(weights) @ v, weights
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
 
     def forward(self, hidden_states, valid, slots, layer_state=None, output_attentions=False):
         """hidden_states (b, T, n_embd). Without a filled cache, rows are compacted (real tokens first) and `valid`
@@ -140,7 +160,8 @@ class BSBRAttention(nn.Module):
         places the local weights: (out, weights (b, heads, T, slots so far) or None)."""
         q, k, v = (self._heads(t) for t in self.c_attn(hidden_states).split(self.config.n_embd, dim=2))
         if layer_state is not None and layer_state.initialized:
-            length = layer_state.seen + hidden_states.shape[1]
+            static = layer_state.is_compileable  # a static layer: weights span its slots, as GPT-2's do
+            length = layer_state.max_cache_len if static else layer_state.seen + hidden_states.shape[1]
             steps = []
             for t in range(hidden_states.shape[1]):
                 layer_state.record_step()
@@ -152,7 +173,7 @@ class BSBRAttention(nn.Module):
             out, weights = self._chunked(hidden_states, q, k, v, valid, slots, layer_state, output_attentions)
         if layer_state is not None:
             layer_state.seen += hidden_states.shape[1]
-        out = self.c_proj(out.transpose(1, 2).reshape(hidden_states.shape))
+        out = self.c_proj(out.transpose(1, 2).contiguous().view(hidden_states.shape))  # Conv1D views its input
         return self.resid_dropout(out), weights
 
     def _chunked(self, x, q, k, v, valid, slots, layer_state, output_attentions):
@@ -167,7 +188,12 @@ class BSBRAttention(nn.Module):
 
         # Local term: causal softmax attention inside each chunk, chunks folded into the head axis.
         fold = (b, h * n_chunks, chunk, d)
-        local, weights = self._attend(q.reshape(fold), k.reshape(fold), v.reshape(fold), need_weights=output_attentions)
+        weights = None
+        if output_attentions:  # explicit math, reading real queries' weights back from the returned tensor (_placed)
+            weights, chunk_weights = self._placed(self._weights(q.reshape(fold), k.reshape(fold)), valid, slots, n)
+            local = self.attn_dropout(chunk_weights) @ v.reshape(fold)
+        else:
+            local, _ = self._attend(q.reshape(fold), k.reshape(fold), v.reshape(fold))
         local = local.reshape(b, h, n_chunks, chunk, d)
 
         # Retrieval term, float32. Padded slots get zero features, so they enter no state or normaliser.
@@ -199,28 +225,39 @@ class BSBRAttention(nn.Module):
             record = dict(kf=kf, vf=vf, kc=k.view(b, h, n_chunks, chunk, d), vc=v.view(b, h, n_chunks, chunk, d),
                           xc=x.float().view(b, n_chunks, chunk, -1), pc=slots.view(b, n_chunks, chunk), states=states,
                           norms=norms, meta_h=meta_h, s_all=s_all, u_all=u_all)
-            layer_state.set(**prefill_state(record, valid.sum(1)))
+            static = layer_state.is_compileable  # a static layer
+            layer_state.set(**prefill_state(record, valid.sum(1), layer_state.capacity(chunk) if static else None))
+            if static:
+                layer_state.seen = layer_state.seen.to(q.device)
             if layer_state.record_past:  # crop() may roll back into this prefill
                 layer_state.prefill = dict(record, valid=valid)
-        if weights is not None:
-            weights = self._placed_prefill(weights.view(b, h, n_chunks, chunk, chunk), slots, n)
         return out, weights
 
     @staticmethod
-    def _placed_prefill(weights, slots, n):
-        """Chunk-local weights (b, h, C, B, B) of compacted tokens -> (b, h, n, n) in input order, zero outside each
-        query's chunk. slots (b, C * B): each compacted token's input position (padding past n: its rows are dropped)."""
-        b, h, n_chunks, chunk, _ = weights.shape
+    def _placed(weights, valid, slots, n):
+        """Chunk-local weights (b, h * C, B, B) of compacted tokens -> (placed, used): placed (b, h, n, n) in input
+        order, zero outside each query's chunk, and the chunk-local weights to compute with, in which every real
+        query's row is read back from `placed` (the same values), so that the returned weights are part of the
+        output's graph as GPT-2's are (a gradient reaches them: retain_grad). slots (b, C * B): each compacted token's
+        input position (padding past n: its rows are dropped); valid (b, C * B): which compacted tokens are real."""
+        b, folded, chunk, _ = weights.shape
+        n_chunks = slots.shape[1] // chunk
+        h = folded // n_chunks
+        weights = weights.view(b, h, n_chunks, chunk, chunk)
         keys = slots.view(b, 1, n_chunks, 1, chunk).expand_as(weights)
         by_key = weights.new_zeros(b, h, n_chunks, chunk, n).scatter_add_(4, keys, weights).flatten(2, 3)
         by_key = by_key * (torch.arange(n_chunks * chunk, device=slots.device) < n)[:, None]  # drop padding rows
         queries = slots[:, None, :, None].expand_as(by_key)
-        return weights.new_zeros(b, h, n, n).scatter_add_(2, queries, by_key)
+        placed = weights.new_zeros(b, h, n, n).scatter_add_(2, queries, by_key)
+        rows = placed.gather(2, slots.clamp_max(n - 1)[:, None, :, None].expand(b, h, n_chunks * chunk, n))
+        back = rows.gather(3, keys.reshape(b, h, n_chunks * chunk, chunk))
+        used = torch.where(valid[:, None, :, None], back, weights.flatten(2, 3))
+        return placed, used.view(b, folded, chunk, chunk)
 
     def _decode_step(self, x, q, k, v, real, slot, st, output_attentions, length):
         """One token per row: x (b, n_embd), q/k/v (b, h, d), real (b,) bool, slot (b,) its input position. Updates
-        the layer state: the key/value buffers in place (only the slot past the valid ones), every other tensor by
-        replacing it (BSBRLayerState). Returns (out (b, h, d), weights (b, h, length) over input slots or None)."""
+        the layer state: the key/value buffers in place (only the slot past the valid ones), every other tensor
+        through BSBRLayer.advance. Returns (out (b, h, d), weights (b, h, length) over input slots or None)."""
         b, h, d = q.shape
         chunk = self.chunk
         slot_index = st.fill.view(b, 1, 1, 1).expand(b, h, 1, d)
@@ -241,14 +278,57 @@ class BSBRAttention(nn.Module):
 
         keep = real.float()
         kf = self._features(k) * keep.view(b, 1, 1)
-        st.f_run = st.f_run + kf[..., None] * v.float()[:, :, None, :]
-        st.z_run = st.z_run + kf
-        st.x_run = st.x_run + x.float() * keep[:, None]
-        st.fill = st.fill + real.long()
+        st.advance(f_run=st.f_run + kf[..., None] * v.float()[:, :, None, :], z_run=st.z_run + kf,
+                   x_run=st.x_run + x.float() * keep[:, None], fill=st.fill + real.long())
         completed = st.fill == chunk
-        if bool(completed.any()):
+        if st.is_compileable:  # a static layer
+            self._close_chunks_static(st, completed, x.dtype)
+        elif bool(completed.any()):
             self._close_chunks(st, completed, x.dtype)
         return out, weights
+
+    def _retrieval_state(self, f_store, z_store, h_store, meta_r, chunks):
+        """(S, u) of the chunk after `chunks` completed ones: P = softmax over the stored chunk keys of R . H_j."""
+        slots = torch.arange(f_store.shape[2], device=chunks.device)
+        scores = (h_store @ meta_r[..., None])[..., 0] / math.sqrt(self.head_dim)  # (b, h, capacity)
+        readable = (slots[None, :] < chunks[:, None])[:, None, :]
+        probs = scores.masked_fill(~readable, torch.finfo(scores.dtype).min).softmax(-1) * readable
+        s_new = (probs[:, :, None, :] @ f_store.flatten(-2))[:, :, 0].view(*f_store.shape[:2], *f_store.shape[3:])
+        return s_new, (probs[:, :, None, :] @ z_store)[:, :, 0]
+
+    @staticmethod
+    def _open_next_chunk(st, completed, s_new, u_new, chunks):
+        """Rows that completed a chunk start the next one: its retrieval state, empty running sums."""
+        sel = completed.view(-1, 1, 1)
+        st.advance(
+            s_cur=torch.where(sel[..., None], s_new, st.s_cur), u_cur=torch.where(sel, u_new, st.u_cur),
+            f_run=torch.where(sel[..., None], 0.0, st.f_run), z_run=torch.where(sel, 0.0, st.z_run),
+            x_run=torch.where(completed[:, None], 0.0, st.x_run), fill=torch.where(completed, 0, st.fill),
+            chunks=chunks,
+        )
+
+    def _close_chunks_static(self, st, completed, dtype):
+        """_close_chunks for a static layer, run at every step without a host synchronisation: each row writes its
+        completed chunk into its store slot (itself again where none completed) in place, a constant cost; the
+        retrieval refresh, linear in the stored chunks, runs only at steps where a chunk completes (torch.cond when
+        compiled)."""
+        b = completed.shape[0]
+        meta_r, meta_h = self._meta(st.x_run / self.chunk, dtype)  # (b, h, d)
+        slot = st.chunks.clamp_max(st.f_store.shape[2] - 1)
+        for store, new in ((st.f_store, st.f_run), (st.z_store, st.z_run), (st.h_store, meta_h)):
+            trailing = [1] * (store.ndim - 3)
+            index = slot.view(b, 1, 1, *trailing).expand(b, store.shape[1], 1, *store.shape[3:])
+            keep = store.gather(2, index)
+            store.scatter_(2, index, torch.where(completed.view(b, 1, 1, *trailing), new[:, :, None], keep))
+        chunks = st.chunks + completed.long()
+        operands = (st.f_store, st.z_store, st.h_store, meta_r, chunks, st.s_cur, st.u_cur)
+        refresh = lambda f, z, h, r, c, s, u: self._retrieval_state(f, z, h, r, c)  # noqa: E731
+        unchanged = lambda f, z, h, r, c, s, u: (s.clone(), u.clone())  # noqa: E731
+        if torch.compiler.is_compiling():  # no branch on the data in the graph; the state updates in place (advance)
+            s_new, u_new = torch.cond(completed.any(), refresh, unchanged, operands)
+        else:
+            s_new, u_new = (refresh if bool(completed.any()) else unchanged)(*operands)
+        self._open_next_chunk(st, completed, s_new, u_new, chunks)
 
     def _close_chunks(self, st, completed, dtype):
         """Store the state of every row's just-completed chunk and refresh the retrieval state for its next chunk."""
@@ -269,20 +349,9 @@ class BSBRAttention(nn.Module):
         st.h_store = torch.where(write[:, None, :, None], meta_h[:, :, None], st.h_store)
         chunks = st.chunks + completed.long()
 
-        scores = (st.h_store @ meta_r[..., None])[..., 0] / math.sqrt(self.head_dim)  # (b, h, capacity)
-        readable = (slots[None, :] < chunks[:, None])[:, None, :]
-        probs = scores.masked_fill(~readable, torch.finfo(scores.dtype).min).softmax(-1) * readable
-        s_new = (probs[:, :, None, :] @ st.f_store.flatten(-2))[:, :, 0].view_as(st.s_cur)
-        u_new = (probs[:, :, None, :] @ st.z_store)[:, :, 0]
+        s_new, u_new = self._retrieval_state(st.f_store, st.z_store, st.h_store, meta_r, chunks)
 
-        sel = completed.view(b, 1, 1)
-        st.s_cur = torch.where(sel[..., None], s_new, st.s_cur)
-        st.u_cur = torch.where(sel, u_new, st.u_cur)
-        st.f_run = torch.where(sel[..., None], 0.0, st.f_run)
-        st.z_run = torch.where(sel, 0.0, st.z_run)
-        st.x_run = torch.where(completed[:, None], 0.0, st.x_run)
-        st.fill = torch.where(completed, 0, st.fill)
-        st.chunks = chunks
+        self._open_next_chunk(st, completed, s_new, u_new, chunks)
         # The next chunk's tokens go into copies: a recorded earlier state keeps this chunk's keys and values.
         st.k_buf, st.v_buf, st.p_buf = st.k_buf.clone(), st.v_buf.clone(), st.p_buf.clone()
 
@@ -312,9 +381,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BSBRBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
-    # No static cache and no fullgraph compile of cached decoding: the cache grows by one state per completed chunk;
-    # chunks are counted over a 2-D attention_mask, so no custom 4-D masks or packed batches (model card).
-    _can_compile_fullgraph = False
+    # StaticCache holds BSBRStaticLayer layers (bsbr_cache.py), whose decode step compiles to one graph; chunks are
+    # counted over a 2-D attention_mask, so no custom 4-D masks or packed batches (model card).
+    _can_compile_fullgraph = True
     # Small modules read as raw weights by the float32 retrieval path: float32 under fp16 and bf16 (and no quantizer
     # converts them: neither is an nn.Linear). compress_proj exists only with compression_factor > 1 (__init__).
     _keep_in_fp32_modules_strict = ["retrieval_gate"]
@@ -324,10 +393,6 @@ class BSBRPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
         if (config.compression_factor or 1) > 1:
             self._keep_in_fp32_modules_strict = [*self._keep_in_fp32_modules_strict, "compress_proj"]
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls):
-        return False  # generate() must not hand us a DynamicCache: forward() creates a BSBRCache
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -387,38 +452,54 @@ class BSBRModel(BSBRPreTrainedModel):
         )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if cache is not None and not isinstance(cache, BSBRCache):
-            raise TypeError(f"the cache must be a BSBRCache, got {type(cache).__name__}")
+        if cache is not None and (len(cache.layers) != self.config.n_layer
+                                  or any(getattr(layer, "_layer_type", None) != LAYER_TYPE for layer in cache.layers)):
+            raise TypeError(
+                f"GPT2-BSBR caches chunk states, not keys and values: pass a BSBRCache(config), "
+                f"DynamicCache(config=config) or StaticCache(config=config, max_cache_len=...) built from the model's "
+                f"config, got a {type(cache).__name__} with layers {[type(layer).__name__ for layer in cache.layers]}"
+            )
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
-            cache = BSBRCache(self.config.n_layer)
+            cache = BSBRCache(self.config)
         if not use_cache:
             cache = None
-        past_length = cache.get_seq_length() if cache is not None else 0
-        position_ids = checked_position_ids(
-            inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
-        )
-        real = self._real_tokens(attention_mask, batch, seq, past_length, inputs_embeds.device)
+        # By layer type, not class: every export registers its own copy of the layer classes with transformers (the
+        # last one imported builds the caches), and they are interchangeable.
+        static = cache is not None and cache.layers[0].is_compileable  # BSBRStaticLayer
+        if static:  # a tensor, counted in place, read without synchronising (decode steps compile to one graph)
+            past_length, prefilled = cache.layers[0].seen, cache.layers[0].initialized
+            position_ids, real = self._static_inputs(cache.layers[0], inputs_embeds, attention_mask, position_ids)
+        else:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            prefilled = past_length != 0
+            position_ids = checked_position_ids(
+                inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
+            )
+            real = self._real_tokens(attention_mask, batch, seq, past_length, inputs_embeds.device)
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
 
         # Without a filled cache, move each row's real tokens to the front (layer norms and MLPs act per token, so
         # this commutes with everything but the chunking), which makes every row's chunks start at its first real token.
         # (Always, not only when padding is present: no branch on the data, so torch.compile and torch.export trace it.)
-        slots = torch.arange(past_length, past_length + seq, device=real.device).expand(batch, seq)
-        restore = lambda t: t  # noqa: E731
-        if past_length == 0:
+        slots = (past_length + torch.arange(seq, device=real.device)).expand(batch, seq)
+        compact = restore = lambda t: t  # noqa: E731
+        if not prefilled:
             slots = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # input position of each compacted token
-            hidden_states = hidden_states.gather(1, slots[..., None].expand_as(hidden_states))
-            real = real.gather(1, slots)
+            compact = lambda t: t.gather(1, slots[..., None].expand_as(t))  # noqa: E731
             restore = lambda t: t.scatter(1, slots[..., None].expand_as(t), t)  # noqa: E731
+            real = real.gather(1, slots)
+        hidden_states = compact(hidden_states)
 
         all_hidden, all_attn = [], []
         for i, block in enumerate(self.h):
-            if output_hidden_states:
-                all_hidden.append(restore(hidden_states))
+            if output_hidden_states:  # the returned tensor (input order) is the one the next layer reads (retain_grad)
+                hidden_states = restore(hidden_states)
+                all_hidden.append(hidden_states)
+                hidden_states = compact(hidden_states)
             layer_state = cache.layers[i] if cache is not None else None
             hidden_states, weights = block(hidden_states, real, slots, layer_state, output_attentions)
             all_attn.append(weights)
@@ -432,6 +513,35 @@ class BSBRModel(BSBRPreTrainedModel):
             **cache_kwargs(cache),
         )
         return returned(output, return_dict)
+
+    def _static_inputs(self, layer, inputs_embeds, attention_mask, position_ids):
+        """(position_ids, real (b, seq) bool) of new tokens going into a static cache, from a 2-D attention_mask that
+        covers the cache's max_cache_len slots (as generate() passes it: create_masks_for_generate) or the cached +
+        new positions, without synchronising with the host once compiled (eager calls check the lengths)."""
+        batch, seq = inputs_embeds.shape[:2]
+        if layer.max_cache_len > self.config.n_positions:
+            raise ValueError(f"the static cache holds {layer.max_cache_len} positions, n_positions is "
+                             f"{self.config.n_positions}")
+        new = layer.seen.to(inputs_embeds.device) + torch.arange(seq, device=inputs_embeds.device)  # (seq,) slots
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(f"GPT2-BSBR takes a 2-D (batch, seq) attention_mask, got {attention_mask.ndim}-D")
+        if not torch.compiler.is_compiling():  # eager: the checks that need the host
+            end = int(new[-1]) + 1
+            if end > layer.max_cache_len:
+                raise ValueError(f"input reaches slot {end - 1}, the static cache holds {layer.max_cache_len}")
+            if attention_mask is not None and attention_mask.shape not in ((batch, layer.max_cache_len), (batch, end)):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {end}) (cached + new "
+                    f"positions) or ({batch}, {layer.max_cache_len}) (the static cache's slots)"
+                )
+            checked_position_ids(inputs_embeds, 0, self.config.n_positions, None, position_ids)
+        if attention_mask is None:
+            real = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
+        elif attention_mask.shape[1] == layer.max_cache_len:
+            real = attention_mask.gather(1, new.expand(batch, seq)).bool()
+        else:  # cached + new positions: the new tokens are the last columns
+            real = attention_mask[:, -seq:].bool()
+        return (new[None, :] if position_ids is None else position_ids), real
 
     @staticmethod
     def _real_tokens(attention_mask, batch, seq, past_length, device):
@@ -463,16 +573,16 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() gets a BSBRCache from here (transformers' own caches hold keys and values), unless the call
-        brings a cache, turns caching off or asks for a cache_implementation; an assistant model's cache records its
-        past, so that generate() can crop it."""
-        given = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
-        if given or generation_config.use_cache is False or generation_config.cache_implementation is not None:
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        model_kwargs[CACHE_NAME] = BSBRCache(self.config.n_layer)
-        if generation_config.is_assistant:
-            model_kwargs[CACHE_NAME].activate_past_recording()
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, cache=None,
+                                  **kwargs):
+        """generate() asks this for the mask of a compileable (static) cache, instead of transformers' 4-D causal
+        mask (its hook for models with their own masks): the 2-D mask, padded to the cache's max_cache_len slots, so
+        that every decode step has the same shapes (one compiled graph); BSBR counts chunks over it. The cache comes
+        as `cache` (transformers >= 5.24) or `past_key_values` (before)."""
+        if attention_mask is None:
+            return None
+        slots = pick_cache(cache, past_key_values).get_max_length()
+        return F.pad(attention_mask, (0, slots - attention_mask.shape[-1]))
 
     def forward(
         self,
@@ -519,4 +629,121 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         return returned(output, return_dict)
 
 
-__all__ = ["BSBRForCausalLM", "BSBRModel", "BSBRPreTrainedModel"]
+class _BSBRWithHead(BSBRPreTrainedModel):
+    """A task head on BSBRModel (GPT-2's heads, same names and rules): `_encode` runs the base model with the
+    standard arguments and returns its output (hidden states in input order)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer = BSBRModel(config)
+
+    def _encode(self, input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
+                output_hidden_states, cache=None, use_cache=None):
+        return self.transformer(
+            input_ids=input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+
+
+class BSBRForSequenceClassification(_BSBRWithHead):
+    """Classifies each row by its last non-padding token (rightmost token that is not config.pad_token_id; the last
+    token without a pad_token_id, which then allows one row only, or with inputs_embeds), as GPT-2 does."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                cache=None, return_dict=None, **kwargs):
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
+                           output_hidden_states, pick_cache(cache, past_key_values), use_cache)
+        logits = self.score(out.last_hidden_state)
+        batch, seq = logits.shape[:2]
+        if self.config.pad_token_id is None and batch != 1:
+            raise ValueError("classifying more than one row needs config.pad_token_id to find each row's last token")
+        last = torch.full((batch,), seq - 1, device=logits.device)
+        if self.config.pad_token_id is not None and input_ids is not None:
+            not_pad = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
+            last = (torch.arange(seq, device=logits.device, dtype=torch.int32) * not_pad).argmax(-1)
+        pooled = logits[torch.arange(batch, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        output = SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled, hidden_states=out.hidden_states, attentions=out.attentions,
+            **cache_kwargs(cache_of(out)),
+        )
+        return returned(output, return_dict)
+
+
+class BSBRForTokenClassification(_BSBRWithHead):
+    """One label per token, after dropout of config.classifier_dropout (else 0.1), as GPT-2 does."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
+                           output_hidden_states, use_cache=False)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+        return returned(output, return_dict)
+
+
+class BSBRForQuestionAnswering(_BSBRWithHead):
+    """Start and end logits of an answer span per token (qa_outputs: n_embd -> 2), as GPT-2 does."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.qa_outputs = nn.Linear(config.n_embd, 2)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
+                           output_hidden_states, use_cache=False)
+        start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+        output = QuestionAnsweringModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+        return returned(output, return_dict)
+
+
+__all__ = [
+    "BSBRForCausalLM",
+    "BSBRForQuestionAnswering",
+    "BSBRForSequenceClassification",
+    "BSBRForTokenClassification",
+    "BSBRModel",
+    "BSBRPreTrainedModel",
+]

@@ -8,9 +8,12 @@ only apply to one row say so by the row's capabilities, as transformers' mixins 
 
 import pytest
 import torch
+from transformers import DynamicCache, StaticCache
 
 from graftlm.configuration.configuration_bsbr import BSBRConfig
 from graftlm.configuration.configuration_dfa import DFAConfig
+from graftlm.modeling import modeling_bsbr
+from graftlm.modeling.bsbr_cache import BSBRLayer, BSBRStaticLayer
 from graftlm.modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
 from graftlm.modeling.modeling_dfa import DFAForCausalLM, DFAModel
 
@@ -157,7 +160,7 @@ def test_crop_rolls_the_cache_back_exactly(arch, keep):
         for t in range(7, 11):  # one decode step each, crossing a chunk boundary
             net(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
         if keep < 7:  # a prefill of all 11 tokens into an empty cache that records
-            cache = type(cache)(TINY["n_layer"])
+            cache = DynamicCache(config=net.config)
             cache.activate_past_recording()
             net(input_ids=ids, attention_mask=mask, past_key_values=cache)
         cache.crop(-(11 - keep))
@@ -219,7 +222,6 @@ def test_static_cache_generates_the_dynamic_caches_tokens(arch):
 def test_compiled_decode_step_is_one_graph_with_the_eager_logits(arch):
     """A decode step on a static cache compiles with fullgraph=True (no graph break, no host sync) and computes the
     eager logits. aot_eager traces as inductor does (dynamo + AOTAutograd) without its slow CPU code generation."""
-    from transformers import StaticCache
 
     net = build(arch)
     ids, mask = batch(7)
@@ -235,7 +237,8 @@ def test_compiled_decode_step_is_one_graph_with_the_eager_logits(arch):
             torch.testing.assert_close(compiled(**step, past_key_values=caches[1]).logits, eager)
 
 
-@pytest.mark.parametrize("arch", rows_with("_can_compile_fullgraph"))
+# BSBR counts chunks over each row's real tokens, read from a 2-D mask: no custom 4-D masks (its model card).
+@pytest.mark.parametrize("arch", [arch for arch in rows_with("_can_compile_fullgraph") if arch != "bsbr"])
 def test_custom_4d_mask_shares_a_prefix_as_separate_rows_would(arch):
     """Three continuations of one prefix in one row: a 4-D mask keeps them apart, position_ids repeat."""
     net = build(arch)
@@ -315,3 +318,99 @@ def test_hidden_states_are_selected_by_index(arch):
             torch.testing.assert_close(state, every[i])
         else:
             assert state is None
+
+
+def test_bsbr_static_cache_generates_as_the_dynamic_one():
+    """generate(cache_implementation="static") builds transformers' StaticCache of BSBR's fixed-capacity layers
+    (BSBRConfig.layer_types), and decodes the same tokens and scores as the default DynamicCache of BSBR layers, on a
+    left-padded batch crossing chunks."""
+    net = build("bsbr")
+    ids, mask = batch(6)
+    kwargs = dict(max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    dynamic = net.generate(ids, attention_mask=mask, **kwargs)
+    static = net.generate(ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert type(dynamic.past_key_values) is DynamicCache and isinstance(static.past_key_values, StaticCache)
+    assert all(type(layer) is BSBRLayer for layer in dynamic.past_key_values.layers)
+    assert all(type(layer) is BSBRStaticLayer for layer in static.past_key_values.layers)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores))
+    assert int(static.past_key_values.get_seq_length()) == dynamic.past_key_values.get_seq_length() == 6 + 8
+
+
+def test_bsbr_static_cache_refuses_what_it_cannot_hold():
+    net = build("bsbr")
+    ids, mask = batch(6)
+    cache = StaticCache(config=net.config, max_cache_len=8)
+    net(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(ValueError, match="static cache holds 8"):
+        net(input_ids=ids[:, :3], past_key_values=cache)
+    with pytest.raises(TypeError, match="BSBRCache"):
+        net(input_ids=ids, past_key_values=DynamicCache())
+
+
+def test_bsbr_attn_implementation_switches_the_local_term():
+    """set_attn_implementation after building: "eager" computes the local term with explicit softmax math, "sdpa"
+    with transformers' SDPA function; both give the same logits, and an unsupported name is refused."""
+    net = build("bsbr")
+    ids, mask = batch()
+    with torch.no_grad():
+        eager = net(input_ids=ids, attention_mask=mask).logits
+        net.set_attn_implementation("sdpa")
+        assert all(m.config._attn_implementation == "sdpa" for m in net.modules() if hasattr(m, "config"))
+        sdpa = net(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(eager, sdpa)
+    with pytest.raises(ValueError, match="foo"):
+        net.set_attn_implementation("foo")
+
+
+def test_bsbr_compiled_decode_completes_chunks_in_one_graph():
+    """Decode steps on a static cache, compiled with fullgraph=True (no graph break, no host sync), give the eager
+    logits and cache state over steps that complete a chunk in one row and not in the other (the retrieval refresh is
+    a torch.cond). aot_eager traces as inductor does without its slow CPU code generation."""
+    net = build("bsbr")
+    ids, mask = batch(6)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    caches = [StaticCache(config=net.config, max_cache_len=12) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            net(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        for t in range(5):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            step = dict(input_ids=ids[:, t : t + 1], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1)
+            eager = net(**step, past_key_values=caches[0]).logits
+            torch.testing.assert_close(compiled(**step, past_key_values=caches[1]).logits, eager)
+    eager_layer, compiled_layer = caches[0].layers[-1], caches[1].layers[-1]
+    assert eager_layer.chunks.tolist() == compiled_layer.chunks.tolist() == [2, 2]
+    torch.testing.assert_close(compiled_layer.s_cur, eager_layer.s_cur)
+
+
+@pytest.mark.parametrize("head", ["SequenceClassification", "TokenClassification", "QuestionAnswering"])
+def test_bsbr_task_heads_are_gpt2s_within_a_chunk(head):
+    """BSBR's task heads keep GPT-2's names and rules: with GPT-2's weights (retrieval gates at 0) and an input no
+    longer than a chunk, they give GPT-2's outputs (at real positions; padded ones are computed differently) and
+    loss on a left-padded batch, and the Auto class of the task builds them."""
+    import transformers
+
+    torch.manual_seed(0)
+    stock = getattr(transformers, f"GPT2For{head}")(transformers.GPT2Config(**TINY, num_labels=3)).eval()
+    config = BSBRConfig(**TINY, num_labels=3, chunk_size=16)
+    ours = getattr(transformers, f"AutoModelFor{head}").from_config(config).eval()
+    assert type(ours) is getattr(modeling_bsbr, f"BSBRFor{head}")
+    missing, unexpected = ours.load_state_dict(stock.state_dict(), strict=False)
+    assert not unexpected and all("meta_" in key or "retrieval_gate" in key for key in missing)
+    ids, mask = batch(11)
+    labels = {"SequenceClassification": dict(labels=torch.tensor([0, 2])),
+              "TokenClassification": dict(labels=torch.randint(0, 3, ids.shape).masked_fill(mask == 0, -100)),
+              "QuestionAnswering": dict(start_positions=torch.tensor([4, 1]), end_positions=torch.tensor([6, 9]))}[head]
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0), **labels)
+    with torch.no_grad():
+        expected, got = stock(**kwargs), ours(**kwargs)
+    real = mask.bool()
+    for name in ("logits", "start_logits", "end_logits"):
+        if name in expected:
+            want, have = expected[name], got[name]
+            if have.ndim > 1 and have.shape[1] == ids.shape[1]:  # per token: real positions only
+                want, have = want[real], have[real]
+            torch.testing.assert_close(have, want)
+    if head != "QuestionAnswering":  # a span loss is a softmax over every position, padding included
+        torch.testing.assert_close(got.loss, expected.loss)
