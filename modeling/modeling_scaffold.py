@@ -284,7 +284,8 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
         (padding-free batches) when there is no 2-D mask. inputs_embeds stand in for the scaffold's own token
         embeddings (they must have its width)."""
         length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        if length > self.config.scaffold_config.n_positions:
+        packed = position_ids is not None and attention_mask is None  # packed rows: only their positions are bounded
+        if length > self.config.scaffold_config.n_positions and not packed:
             raise ValueError(
                 f"the scaffold reads {length} tokens, more than its n_positions={self.config.scaffold_config.n_positions}"
             )
