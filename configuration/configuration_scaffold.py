@@ -85,6 +85,14 @@ class ScaffoldConfig(PreTrainedConfig):
         self.base_config.n_positions = self.scaffold_config.n_positions = value
 
     @property
+    def use_cache(self):
+        return self.base_config.use_cache
+
+    @use_cache.setter
+    def use_cache(self, value):
+        self.base_config.use_cache = value
+
+    @property
     def n_positions(self):  # the longest input the base reads (graftlm eval windows, length checks)
         return self.base_config.n_positions
 
