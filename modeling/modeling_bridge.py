@@ -101,13 +101,17 @@ class BridgePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BertLayer", "GPT2Block"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     # The new modules that training opens (the bridge, the decoding-control heads with one output each) stay float32
-    # and unquantized under fp16, bf16 and bitsandbytes; encode() casts into and out of them. `controls` exists only
-    # with config.controls (__init__).
+    # and unquantized under fp16, bf16 and bitsandbytes; encode() casts into and out of them. They hold nn.Linear
+    # layers, so they are named in both lists: transformers' bitsandbytes quantizers leave unconverted only the
+    # modules of _keep_in_fp32_modules, and bfloat16 loading keeps float32 only those of the strict list. `controls`
+    # exists only with config.controls (__init__).
+    _keep_in_fp32_modules = ["bridge"]
     _keep_in_fp32_modules_strict = ["bridge"]
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         if config.controls:
+            self._keep_in_fp32_modules = [*self._keep_in_fp32_modules, "controls"]
             self._keep_in_fp32_modules_strict = [*self._keep_in_fp32_modules_strict, "controls"]
 
     @torch.no_grad()

@@ -132,7 +132,10 @@ class ScaffoldPreTrainedModel(PreTrainedModel):
     base_model_prefix = "base"  # the frozen base GPT-2 (model.base_model); checkpoints keep their full names
     _no_split_modules = ["GPT2Block", "ScaffoldFuser"]
     # The fusers (what training opens on top of the frozen base) stay float32 and unquantized under fp16, bf16 and
-    # bitsandbytes, so that they train in full precision, also as peft modules_to_save over a 4-bit base.
+    # bitsandbytes, so that they train in full precision, also as peft modules_to_save over a 4-bit base. They hold
+    # nn.Linear layers, so they are named in both lists: transformers' bitsandbytes quantizers leave unconverted only
+    # the modules of _keep_in_fp32_modules, and bfloat16 loading keeps float32 only those of the strict list.
+    _keep_in_fp32_modules = ["fusers"]
     _keep_in_fp32_modules_strict = ["fusers"]
     # Each GPT-2 ties its lm_head to its token embeddings, as GPT2LMHeadModel does.
     _tied_weights_keys = {

@@ -105,6 +105,8 @@ def test_output_flags_come_from_the_call_or_else_the_config(arch):
 def test_fp32_module_lists_name_built_modules_once(arch, overrides):
     if overrides and arch != "bsbr":
         pytest.skip("compression_factor is a BSBR option")
+    if ARCHS[arch][1] is ScaffoldForCausalLM:
+        pytest.skip("the fusers hold nn.Linear layers, so both lists name them (test_scaffold_fp32_lists_name_the_fusers)")
     net = build(arch, **overrides)
     loose, strict = set(net._keep_in_fp32_modules), set(net._keep_in_fp32_modules_strict)
     assert strict and not loose & strict
@@ -222,6 +224,15 @@ def test_uncached_forward_exports_without_graph_breaks(arch):
 
 # --- Scaffolded (issue 13): what its two GPT-2s and its fusers add to the contract ------------------------------------
 SCAFFOLDED = [arch for arch, (_, lm_class, _, _) in ARCHS.items() if lm_class is ScaffoldForCausalLM]
+
+
+@pytest.mark.parametrize("arch", SCAFFOLDED)
+def test_scaffold_fp32_lists_name_the_fusers(arch):
+    """Both lists name the fusers (nn.Linear layers: bitsandbytes leaves unconverted only the first list's modules,
+    bfloat16 keeps float32 only the second's); they are built."""
+    net = build(arch)
+    assert set(net._keep_in_fp32_modules) == set(net._keep_in_fp32_modules_strict) == {"fusers"}
+    assert isinstance(net.fusers, torch.nn.ModuleDict) and len(net.fusers) == TINY["n_layer"]
 
 
 @pytest.mark.parametrize("arch", SCAFFOLDED)
@@ -346,6 +357,6 @@ def test_bridge_return_dict_flags_config_fields_and_fp32_list(controls):
             net.config.max_position_embeddings) == (decoder.n_embd, decoder.n_head, decoder.vocab_size,
                                                     decoder.n_positions)
     names = {name.split(".")[-1] for name, _ in net.named_modules()}
-    assert not net._keep_in_fp32_modules
-    assert set(net._keep_in_fp32_modules_strict) == {"bridge", "controls"} & names == (
-        {"bridge", "controls"} if controls else {"bridge"})
+    # both lists (bitsandbytes reads the first, bfloat16 the second), naming only the modules this config builds
+    assert set(net._keep_in_fp32_modules) == set(net._keep_in_fp32_modules_strict) == {"bridge", "controls"} & names
+    assert ("controls" in names) == controls
