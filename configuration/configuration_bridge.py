@@ -69,6 +69,36 @@ class BridgeConfig(PreTrainedConfig):
     decoder_start_token_id: int | None = None
     is_encoder_decoder: bool = True
 
+    # transformers' standard top-level fields, read from the GPT-2 decoder's config (the one place each is stored): the
+    # decoder produces the tokens, so its width, heads, vocabulary and position table are the generating model's.
+    @property
+    def hidden_size(self):
+        return self.decoder.n_embd
+
+    @property
+    def num_attention_heads(self):
+        return self.decoder.n_head
+
+    @property
+    def num_hidden_layers(self):
+        return self.decoder.n_layer
+
+    @property
+    def vocab_size(self):
+        return self.decoder.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value):
+        self.decoder.vocab_size = value
+
+    @property
+    def max_position_embeddings(self):
+        return self.decoder.n_positions
+
+    @max_position_embeddings.setter
+    def max_position_embeddings(self, value):
+        self.decoder.n_positions = value
+
     def validate_architecture(self):
         if not isinstance(self.encoder, BertConfig):
             raise ValueError(f"encoder must be a BERT config (model_type 'bert'), got {type(self.encoder).__name__}")

@@ -54,9 +54,43 @@ class ScaffoldConfig(PreTrainedConfig):
         # The base GPT-2 produces the tokens: generation, caches and token ids all follow its config.
         return self.base_config
 
+    # transformers' standard top-level fields, read from the base GPT-2's config (the one place each is stored):
+    # the base produces the tokens, so its width, heads, vocabulary and position table are the model's.
     @property
     def num_hidden_layers(self):
         return self.base_config.n_layer
+
+    @property
+    def hidden_size(self):
+        return self.base_config.n_embd
+
+    @property
+    def num_attention_heads(self):
+        return self.base_config.n_head
+
+    @property
+    def vocab_size(self):
+        return self.base_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value):  # both GPT-2s read the same token ids
+        self.base_config.vocab_size = self.scaffold_config.vocab_size = value
+
+    @property
+    def max_position_embeddings(self):
+        return self.base_config.n_positions
+
+    @max_position_embeddings.setter
+    def max_position_embeddings(self, value):  # the scaffold reads the base's input
+        self.base_config.n_positions = self.scaffold_config.n_positions = value
+
+    @property
+    def use_cache(self):
+        return self.base_config.use_cache
+
+    @use_cache.setter
+    def use_cache(self, value):
+        self.base_config.use_cache = value
 
     @property
     def n_positions(self):  # the longest input the base reads (graftlm eval windows, length checks)

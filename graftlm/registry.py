@@ -65,6 +65,6 @@ def _register_all():
     register(Architecture("bridge", BridgeConfig, {"AutoModelForSeq2SeqLM": BridgeForConditionalGeneration}))
 
     from .configuration.configuration_scaffold import ScaffoldConfig
-    from .modeling.modeling_scaffold import ScaffoldForCausalLM
+    from .modeling.modeling_scaffold import ScaffoldForCausalLM, ScaffoldModel
 
-    register(Architecture("scaffold", ScaffoldConfig, {"AutoModelForCausalLM": ScaffoldForCausalLM}))
+    register(Architecture("scaffold", ScaffoldConfig, {"AutoModel": ScaffoldModel, "AutoModelForCausalLM": ScaffoldForCausalLM}))

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from ..configuration.configuration_bridge import BridgeConfig
 from .bridge_decoding import AdaptiveLogitsProcessor, expand_controls, likelihood_control_loss, prior_control_loss
 from .bridge_layers import BRIDGES, DecodingControls, GABridge, PopulationBridge
-from .hf_compat import cache_kwargs, cache_of, check_forward_kwargs, pick_cache
+from .hf_compat import cache_kwargs, cache_of, check_forward_kwargs, output_flags, pick_cache, returned
 from .scalar_params import LegacyScalarsMixin
 
 # The text2text-generation pipeline that config.json names (custom_pipelines) is part of this model's code: imported
@@ -102,9 +102,18 @@ class BridgePreTrainedModel(LegacyScalarsMixin, PreTrainedModel):
     _no_split_modules = ["BertLayer", "GPT2Block"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     # The new modules that training opens (the bridge, the decoding-control heads with one output each) stay float32
-    # and unquantized under fp16, bf16 and bitsandbytes; encode() casts into and out of them.
-    _keep_in_fp32_modules = ["bridge", "controls"]
-    _keep_in_fp32_modules_strict = ["bridge", "controls"]
+    # and unquantized under fp16, bf16 and bitsandbytes; encode() casts into and out of them. They hold nn.Linear
+    # layers, so they are named in both lists: transformers' bitsandbytes quantizers leave unconverted only the
+    # modules of _keep_in_fp32_modules, and bfloat16 loading keeps float32 only those of the strict list. `controls`
+    # exists only with config.controls (__init__).
+    _keep_in_fp32_modules = ["bridge"]
+    _keep_in_fp32_modules_strict = ["bridge"]
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if config.controls:
+            self._keep_in_fp32_modules = [*self._keep_in_fp32_modules, "controls"]
+            self._keep_in_fp32_modules_strict = [*self._keep_in_fp32_modules_strict, "controls"]
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -205,10 +214,14 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
         shift_tokens_right(labels) and decoder_attention_mask = decoder_mask_from_labels(labels).
         loss = ce_loss + control_loss_weight * control_loss (ce_loss alone without controls).
         The decoder's cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before) and is returned
-        under the running release's name.
+        under the running release's name. Output flags left None come from the config; return_dict=False returns a
+        tuple.
         """
         cache = pick_cache(cache, past_key_values)
         check_forward_kwargs(self, kwargs, ("position_ids", "decoder_position_ids", "cache_position"))
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask, token_type_ids, inputs_embeds,
                                           output_attentions=output_attentions, output_hidden_states=output_hidden_states)
@@ -254,7 +267,7 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
                 control_loss = self.control_loss(decoder.logits, labels, encoder_outputs)
                 loss = loss + self.config.control_loss_weight * control_loss * share
 
-        return BridgeSeq2SeqLMOutput(
+        output = BridgeSeq2SeqLMOutput(
             loss=loss,
             logits=decoder.logits,
             **cache_kwargs(cache_of(decoder)),
@@ -269,6 +282,7 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
             temperature=getattr(encoder_outputs, "temperature", None),
             top_k=getattr(encoder_outputs, "top_k", None),
         )
+        return returned(output, return_dict)
 
     def control_loss(self, logits, labels, encoder_outputs):
         """The controls' objective. The decoder logits are detached: it trains the control heads (and, through

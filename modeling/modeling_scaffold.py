@@ -31,14 +31,14 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 from transformers.utils import TransformersKwargs, cached_file
 
 from ..configuration.configuration_scaffold import ScaffoldConfig
 from .gpt2_inputs import checked_position_ids
-from .hf_compat import cache_kwargs, check_forward_kwargs, pick_cache
+from .hf_compat import cache_kwargs, check_forward_kwargs, output_flags, pick_cache, returned
 from .scaffold_lora import (
     ADAPTER_SUBFOLDER,
     ADAPTER_WEIGHTS,
@@ -138,15 +138,24 @@ class ScaffoldFuser(GradientCheckpointingLayer):
 class ScaffoldPreTrainedModel(PreTrainedModel):
     config: ScaffoldConfig
     config_class = ScaffoldConfig
-    base_model_prefix = ""
+    base_model_prefix = "base"  # the frozen base GPT-2 (model.base_model); checkpoints keep their full names
     _no_split_modules = ["GPT2Block", "ScaffoldFuser"]
     # The fusers (what training opens on top of the frozen base) stay float32 and unquantized under fp16, bf16 and
-    # bitsandbytes, so that they train in full precision, also as peft modules_to_save over a 4-bit base.
+    # bitsandbytes, so that they train in full precision, also as peft modules_to_save over a 4-bit base. They hold
+    # nn.Linear layers, so they are named in both lists: transformers' bitsandbytes quantizers leave unconverted only
+    # the modules of _keep_in_fp32_modules, and bfloat16 loading keeps float32 only those of the strict list.
     _keep_in_fp32_modules = ["fusers"]
     _keep_in_fp32_modules_strict = ["fusers"]
+    # Each GPT-2 ties its lm_head to its token embeddings, as GPT2LMHeadModel does.
+    _tied_weights_keys = {
+        "base.lm_head.weight": "base.transformer.wte.weight",
+        "scaffold.lm_head.weight": "scaffold.transformer.wte.weight",
+    }
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
-    supports_gradient_checkpointing = True  # GPT-2 blocks (base and scaffold) and fusers
+    _supports_attention_backend = True  # the base's blocks and the fusers dispatch through ALL_ATTENTION_FUNCTIONS
+    _can_compile_fullgraph = True  # static cache: the decode step compiles to one graph
+    supports_gradient_checkpointing = True  # GPT-2 blocks (base and scaffold) and fusers, transformers' mechanism
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -167,12 +176,24 @@ def _check_weight(scaffold_weight):
     return float(weight)
 
 
+def _cache_filled(past_length):
+    """Whether the cache holds tokens: True or False, or None where it is not read. A static cache counts on the device
+    (a tensor): reading it would sync the host and break a compiled graph, so while compiling it is not read (generate
+    compiles the decode steps, whose cache holds the prompt's scaffold states)."""
+    if isinstance(past_length, torch.Tensor) and torch.compiler.is_compiling():
+        return None
+    return bool(past_length > 0)
+
+
 def _positions_from_mask(mask):
     """Position ids that skip padding: 0, 1, 2, ... over the real tokens of each row."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
+class ScaffoldModel(ScaffoldPreTrainedModel):
+    """The frozen base GPT-2 with the scaffold fused in; forward returns its final hidden states (AutoModel). Holds
+    every weight ScaffoldForCausalLM holds, under the same names, so one checkpoint loads as either."""
+
     def __init__(self, config):
         super().__init__(config)
         self.base = GPT2LMHeadModel(config.base_config)
@@ -185,12 +206,27 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.base.transformer.wte
 
+    def set_input_embeddings(self, new_embeddings):
+        self.base.transformer.wte = new_embeddings
+
     def get_output_embeddings(self):
         return self.base.lm_head
 
+    def set_output_embeddings(self, new_embeddings):
+        self.base.lm_head = new_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """Resize the base's embeddings (transformers' resize) and the scaffold's to the same vocabulary: the scaffold
+        reads the base's token ids."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.scaffold.resize_token_embeddings(embeddings.num_embeddings, mean_resizing=mean_resizing)
+        return embeddings
+
     def train(self, mode=True):
         super().train(mode)
-        self.base.eval()  # the frozen base runs without dropout, as in the seed
+        self.base.eval()  # the frozen base runs without dropout, as in the seed...
+        for block in self.base.transformer.h:
+            block.training = mode  # ...and its blocks still checkpoint (GradientCheckpointingLayer reads .training)
         return self
 
     # ----- LoRA on the scaffold -----
@@ -253,50 +289,62 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
 
     # ----- forward -----
 
-    def scaffold_states(self, input_ids, attention_mask=None):
-        """The scaffold GPT-2's final hidden states (after ln_f), (batch, len, scaffold n_embd)."""
-        if input_ids.shape[1] > self.config.scaffold_config.n_positions:
+    def scaffold_states(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None):
+        """The scaffold GPT-2's final hidden states (after ln_f), (batch, len, scaffold n_embd).
+
+        attention_mask: 2-D (positions then skip padding) or a custom 4-D mask; position_ids: packed sequences
+        (padding-free batches) when there is no 2-D mask. inputs_embeds stand in for the scaffold's own token
+        embeddings (they must have its width)."""
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        packed = position_ids is not None and attention_mask is None  # packed rows: only their positions are bounded
+        if length > self.config.scaffold_config.n_positions and not packed:
             raise ValueError(
-                f"the scaffold reads {input_ids.shape[1]} tokens, more than its n_positions="
-                f"{self.config.scaffold_config.n_positions}"
+                f"the scaffold reads {length} tokens, more than its n_positions={self.config.scaffold_config.n_positions}"
             )
-        positions = _positions_from_mask(attention_mask) if attention_mask is not None else None
+        if inputs_embeds is not None and inputs_embeds.shape[-1] != self.config.scaffold_config.n_embd:
+            raise ValueError(
+                f"inputs_embeds of width {inputs_embeds.shape[-1]} cannot stand in for the scaffold's token embeddings "
+                f"(scaffold n_embd={self.config.scaffold_config.n_embd}): pass scaffold_input_ids or scaffold_states"
+            )
+        if attention_mask is not None and attention_mask.ndim == 2:
+            position_ids = _positions_from_mask(attention_mask)
         out = self.scaffold.transformer(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False,
         )
         return out.last_hidden_state
 
-    def _scaffold_context(self, input_ids, attention_mask, scaffold_input_ids, scaffold_attention_mask,
-                          scaffold_states, cache, past_length, batch):
-        stored = getattr(cache, "scaffold_context", None)
-        given = scaffold_states if scaffold_states is not None else scaffold_input_ids
+    def _scaffold_context(self, input_ids, inputs_embeds, attention_mask, position_ids, scaffold_input_ids,
+                          scaffold_attention_mask, scaffold_states, cache, past_length, batch):
         if scaffold_states is not None and scaffold_input_ids is not None:
             raise ValueError("pass scaffold_input_ids or scaffold_states, not both")
-        if stored is not None and past_length > 0:
-            if given is not None and given is not stored.source:
-                raise ValueError(
-                    "the cache already holds the scaffold states of its prompt; pass new scaffold inputs "
-                    "only with an empty cache"
-                )
-            return stored
+        given = scaffold_states if scaffold_states is not None else scaffold_input_ids
         if given is None and self._generating is not None and self._generating.context is not None:
             # Inside generate(): the prompt's states, not model kwargs (those would reach an assistant model too).
             context = self._generating.context = self._generating.context.for_batch(batch)
             if cache is not None:
                 cache.scaffold_context = context
             return context
+        stored = getattr(cache, "scaffold_context", None)
+        if stored is not None and _cache_filled(past_length) is not False:
+            if given is not None and given is not stored.source:
+                raise ValueError(
+                    "the cache already holds the scaffold states of its prompt; pass new scaffold inputs "
+                    "only with an empty cache"
+                )
+            return stored
         if scaffold_states is not None:
             states, mask = scaffold_states, scaffold_attention_mask
-        else:
-            if scaffold_input_ids is None:
-                if past_length > 0:
-                    raise ValueError("the cache holds no scaffold states: pass scaffold_input_ids or scaffold_states")
-                if input_ids is None:
-                    raise ValueError("with inputs_embeds, pass scaffold_input_ids or scaffold_states")
-                scaffold_input_ids = input_ids
-                is_2d = attention_mask is not None and attention_mask.ndim == 2
-                scaffold_attention_mask = attention_mask if is_2d else None
+        elif scaffold_input_ids is not None:
             states, mask = self.scaffold_states(scaffold_input_ids, scaffold_attention_mask), scaffold_attention_mask
+        else:
+            if _cache_filled(past_length):
+                raise ValueError("the cache holds no scaffold states: pass scaffold_input_ids or scaffold_states")
+            # The scaffold reads the base's own input (with inputs_embeds: those embeddings in place of its own).
+            mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+            states = self.scaffold_states(input_ids, attention_mask, inputs_embeds if input_ids is None else None,
+                                          position_ids)
+            given = input_ids if input_ids is not None else inputs_embeds
         if mask is not None and mask.shape != states.shape[:2]:
             raise ValueError(
                 f"scaffold_attention_mask {tuple(mask.shape)} does not match the scaffold states "
@@ -308,18 +356,144 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         return context
 
     @staticmethod
-    def _cross_mask(context, batch, seq, past_length, dtype):
-        """Additive mask (batch, 1, seq, scaffold_len): base position i reads real scaffold tokens j <= i."""
+    def _cross_mask(context, batch, seq, past_length, dtype, attention_mask=None, position_ids=None):
+        """Additive mask (batch, 1, seq, scaffold_len): base position i reads real scaffold tokens j <= i (a custom
+        4-D attention mask instead says which j each i reads; in a padding-free batch, the j of i's own sequence).
+        Also (batch, seq): whether position i reads any scaffold token."""
         length = context.states.shape[1]
         device = context.states.device
-        query_pos = torch.arange(past_length, past_length + seq, device=device)
-        visible = torch.arange(length, device=device)[None, :] <= query_pos[:, None]  # (seq, scaffold_len)
-        visible = visible[None].expand(batch, seq, length)
+        if attention_mask is not None and attention_mask.ndim == 4:
+            keys = attention_mask[:, 0, -seq:, :length].to(device)
+            visible = keys.bool() if keys.dtype == torch.bool else (keys == 0 if keys.is_floating_point() else keys != 0)
+            visible = visible.expand(batch, seq, length)
+        else:
+            query_pos = torch.arange(seq, device=device) + past_length  # a tensor past_length stays on the device
+            visible = torch.arange(length, device=device)[None, :] <= query_pos[:, None]  # (seq, scaffold_len)
+            visible = visible[None].expand(batch, seq, length)
+            if attention_mask is None and position_ids is not None and seq == length:
+                # padding-free batch (packed sequences, no cache): a new sequence starts where positions do not step by 1
+                packed = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+                visible = visible & (packed[:, :, None] == packed[:, None, :])
         if context.mask is not None:
             visible = visible & context.mask.bool()[:, None, :]
         additive = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
         return additive[:, None], visible.any(-1)
 
+    def _fused_forward(self, input_ids, attention_mask, cache, position_ids, inputs_embeds, use_cache,
+                       scaffold_input_ids, scaffold_attention_mask, scaffold_states, scaffold_weight,
+                       output_attentions, output_hidden_states):
+        """The base GPT-2 with the scaffold fused in: (last hidden state, hidden states, attentions, cache)."""
+        if scaffold_weight is None and self._generating is not None:
+            scaffold_weight = self._generating.weight
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        weight = _check_weight(scaffold_weight)
+        gpt2 = self.base.transformer
+        ids_or_embeds = input_ids
+        if inputs_embeds is None:
+            inputs_embeds = gpt2.wte(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        use_cache = use_cache if use_cache is not None else (self.config.base_config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.base_config)
+        if not use_cache:
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
+        given_positions = position_ids
+        position_ids = checked_position_ids(
+            inputs_embeds, past_length, self.config.base_config.n_positions, attention_mask, position_ids
+        )
+
+        context = cross_mask = has_key = None
+        if weight > 0:
+            context = self._scaffold_context(
+                ids_or_embeds, inputs_embeds if ids_or_embeds is None else None, attention_mask, given_positions,
+                scaffold_input_ids, scaffold_attention_mask, scaffold_states, cache, past_length, batch,
+            )
+            if context.states.shape[0] != batch:
+                raise ValueError(f"scaffold batch {context.states.shape[0]} != input batch {batch}")
+            cross_mask, has_key = self._cross_mask(
+                context, batch, seq, past_length, inputs_embeds.dtype, attention_mask,
+                given_positions if cache is None or _cache_filled(past_length) is False else None,
+            )
+
+        causal_mask = create_causal_mask(
+            config=self.config.base_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **cache_kwargs(cache),
+        )
+        # GPT2Model.forward, with a fuser after each chosen block. The base's self-attention weights are read by hooks
+        # (GPT2Block returns only its hidden states), as transformers' own output recording does.
+        attentions = []
+        hooks = [b.attn.register_forward_hook(lambda m, args, out: attentions.append(out[1])) for b in gpt2.h] \
+            if output_attentions else []
+        hidden_states = gpt2.drop(inputs_embeds + gpt2.wpe(position_ids))
+        all_hidden = []
+        try:
+            for i, block in enumerate(gpt2.h):
+                all_hidden.append(hidden_states)
+                hidden_states = block(
+                    hidden_states, attention_mask=causal_mask, use_cache=use_cache, position_ids=position_ids,
+                    **cache_kwargs(cache),
+                )
+                fuser = self.fusers[str(i)] if str(i) in self.fusers else None
+                if fuser is not None and context is not None:
+                    hidden_states = fuser(hidden_states, context.states, cross_mask, has_key, weight, context.kv)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hidden_states = gpt2.ln_f(hidden_states)
+        all_hidden.append(hidden_states)
+        return hidden_states, _selected(all_hidden, output_hidden_states), tuple(attentions) or None, cache
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        scaffold_input_ids=None,
+        scaffold_attention_mask=None,
+        scaffold_states=None,
+        scaffold_weight=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache=None,
+        **kwargs,
+    ):
+        """The base GPT-2's final hidden states with the scaffold fused in (arguments as ScaffoldForCausalLM.forward)."""
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        check_forward_kwargs(self, kwargs, TransformersKwargs.__optional_keys__)
+        hidden, all_hidden, attentions, cache = self._fused_forward(
+            input_ids, attention_mask, pick_cache(cache, past_key_values), position_ids, inputs_embeds, use_cache,
+            scaffold_input_ids, scaffold_attention_mask, scaffold_states, scaffold_weight,
+            output_attentions, output_hidden_states,
+        )
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden, hidden_states=all_hidden, attentions=attentions, **cache_kwargs(cache)
+        )
+        return returned(output, return_dict)
+
+
+def _selected(all_hidden, output_hidden_states):
+    """The hidden states asked for: all (True), none (False/None), or those at the given indices (a list, as
+    transformers 5 reads output_hidden_states=[...]: the others are None; negative indices count from the end)."""
+    if not output_hidden_states:
+        return None
+    if output_hidden_states is True:
+        return tuple(all_hidden)
+    keep = {i % len(all_hidden) for i in output_hidden_states}
+    return tuple(h if i in keep else None for i, h in enumerate(all_hidden))
+
+
+class ScaffoldForCausalLM(ScaffoldModel, GenerationMixin):
     def forward(
         self,
         input_ids=None,
@@ -334,6 +508,7 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
         scaffold_states=None,
         scaffold_weight=None,
         logits_to_keep=0,
+        output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
         cache=None,
@@ -341,86 +516,33 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
     ):
         """Causal-LM forward of the base GPT-2 with the scaffold fused in.
 
-        scaffold_input_ids / scaffold_attention_mask: what the scaffold reads (default: input_ids itself).
+        scaffold_input_ids / scaffold_attention_mask: what the scaffold reads (default: input_ids itself; with
+            inputs_embeds alone, those embeddings in place of the scaffold's own, which needs equal widths).
         scaffold_states: precomputed scaffold states instead, with scaffold_attention_mask. Without any of these,
             inside generate(), the prompt's states that generate() computed (repeated for beams) are read.
         scaffold_weight: in [0, 1], scales every fuser (default 1); 0 skips the scaffold and gives the base exactly.
+        attentions (output_attentions): the base's self-attention weights per layer, as GPT-2 returns them.
         The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before) and is returned under the
-        running release's name.
+        running release's name. Output flags left None come from the config; return_dict=False returns a tuple.
         """
-        cache = pick_cache(cache, past_key_values)
-        check_forward_kwargs(self, kwargs, TransformersKwargs.__optional_keys__)
-        if scaffold_weight is None and self._generating is not None:
-            scaffold_weight = self._generating.weight
-        loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        weight = _check_weight(scaffold_weight)
-        gpt2 = self.base.transformer
-        if inputs_embeds is None:
-            inputs_embeds = gpt2.wte(input_ids)
-        batch, seq = inputs_embeds.shape[:2]
-        use_cache = use_cache if use_cache is not None else (self.config.base_config.use_cache and not self.training)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config.base_config)
-        if not use_cache:
-            cache = None
-        past_length = cache.get_seq_length() if cache is not None else 0
-        position_ids = checked_position_ids(
-            inputs_embeds, past_length, self.config.base_config.n_positions, attention_mask, position_ids
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
         )
-
-        context = cross_mask = has_key = None
-        if weight > 0:
-            context = self._scaffold_context(
-                input_ids, attention_mask, scaffold_input_ids, scaffold_attention_mask,
-                scaffold_states, cache, past_length, batch,
-            )
-            if context.states.shape[0] != batch:
-                raise ValueError(f"scaffold batch {context.states.shape[0]} != input batch {batch}")
-            cross_mask, has_key = self._cross_mask(context, batch, seq, past_length, inputs_embeds.dtype)
-
-        causal_mask = create_causal_mask(
-            config=self.config.base_config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **cache_kwargs(cache),
+        check_forward_kwargs(self, kwargs, (*TransformersKwargs.__optional_keys__, "shift_labels"))
+        hidden, all_hidden, attentions, cache = self._fused_forward(
+            input_ids, attention_mask, pick_cache(cache, past_key_values), position_ids, inputs_embeds, use_cache,
+            scaffold_input_ids, scaffold_attention_mask, scaffold_states, scaffold_weight,
+            output_attentions, output_hidden_states,
         )
-        # GPT2Model.forward, with a fuser after each chosen block.
-        hidden_states = gpt2.drop(inputs_embeds + gpt2.wpe(position_ids))
-        all_hidden = []
-        for i, block in enumerate(gpt2.h):
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
-            if gpt2.gradient_checkpointing and self.training:
-                # The base stays in eval mode (no dropout), where GPT2Block does not checkpoint itself: do it here.
-                def run_block(states, block=block):
-                    return block(states, attention_mask=causal_mask, use_cache=False, position_ids=position_ids)
-
-                hidden_states = gpt2._gradient_checkpointing_func(run_block, hidden_states)
-            else:
-                hidden_states = block(
-                    hidden_states, attention_mask=causal_mask, use_cache=use_cache, position_ids=position_ids,
-                    **cache_kwargs(cache),
-                )
-            fuser = self.fusers[str(i)] if str(i) in self.fusers else None
-            if fuser is not None and context is not None:
-                hidden_states = fuser(hidden_states, context.states, cross_mask, has_key, weight, context.kv)
-        hidden_states = gpt2.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden.append(hidden_states)
-
-        logits = self.base.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        logits = self.base.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
         loss = None
-        if labels is not None:
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "shift_labels") if k in kwargs}
             loss = self.loss_function(logits, labels, vocab_size=self.config.base_config.vocab_size, **loss_kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            **cache_kwargs(cache),
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=all_hidden, attentions=attentions, **cache_kwargs(cache)
         )
+        return returned(output, return_dict)
 
     # ----- generation -----
 
@@ -439,15 +561,23 @@ class ScaffoldForCausalLM(ScaffoldPreTrainedModel, GenerationMixin):
                                              or truncate_repeats < 1):
             raise ValueError(f"truncate_repeats must be a positive integer n-gram size, got {truncate_repeats!r}")
         scaffold = [kwargs.pop(k, None) for k in ("scaffold_input_ids", "scaffold_attention_mask", "scaffold_states")]
-        context = None
+        cache = pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
+        outer, self._generating = self._generating, None  # a generate() inside generate(): the model assists itself
+        context = None  # no prompt (generate() starts from its bos token): the first forward reads that token
         if weight > 0:
-            with torch.no_grad():
-                context = self._scaffold_context(input_ids, kwargs.get("attention_mask"), *scaffold, None, 0, None)
+            stored = getattr(cache, "scaffold_context", None)
+            if stored is not None and all(x is None for x in scaffold) and cache.get_seq_length() > 0:
+                context = stored  # continuing from a returned cache: the states of the prompt it started from
+            elif input_ids is not None or kwargs.get("inputs_embeds") is not None or any(x is not None for x in scaffold):
+                embeds = kwargs.get("inputs_embeds") if input_ids is None else None
+                with torch.no_grad():
+                    context = self._scaffold_context(input_ids, embeds, kwargs.get("attention_mask"), None, *scaffold,
+                                                     None, 0, None)
         self._generating = ScaffoldGeneration(weight, context)
         try:
             output = super().generate(inputs, generation_config, **kwargs)
         finally:
-            self._generating = None
+            self._generating = outer
         if truncate_repeats is None:
             return output
         config = generation_config or self.generation_config
@@ -479,4 +609,4 @@ def truncate_repeated_ngrams(sequences, prompt_length, n, pad_id):
     return sequences
 
 
-__all__ = ["ScaffoldForCausalLM", "ScaffoldPreTrainedModel", "ScaffoldFuser"]
+__all__ = ["ScaffoldForCausalLM", "ScaffoldModel", "ScaffoldPreTrainedModel", "ScaffoldFuser"]

@@ -2,28 +2,42 @@
 GenerationTesterMixin check on the in-library models, reduced to tiny configs so that CI runs it (the mixins
 themselves run in the conformance harness, /work/shared/hf-conformance, not in CI).
 
-Each architecture is one row of ARCHS; Scaffolded and Bridged join as rows when they take the contract. Tests that
-only apply to one row say so by the row's capabilities, as transformers' mixins do by class attributes.
+Each causal LM is one row of ARCHS (DFA, BSBR, Scaffolded); Bridged, a seq2seq model, is the row of `bridge()` with
+its own tests at the end. Tests that only apply to one row say so by the row's capabilities, as transformers' mixins do
+by class attributes.
 """
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, GPT2Config, StaticCache
 
 from graftlm.configuration.configuration_bsbr import BSBRConfig
 from graftlm.configuration.configuration_dfa import DFAConfig
+from graftlm.configuration.configuration_scaffold import ScaffoldConfig
 from graftlm.modeling import modeling_bsbr
 from graftlm.modeling.bsbr_cache import BSBRLayer, BSBRStaticLayer
 from graftlm.modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
 from graftlm.modeling.modeling_dfa import DFAForCausalLM, DFAModel
+from graftlm.modeling.modeling_scaffold import ScaffoldForCausalLM, ScaffoldModel
 
 TINY = dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=99, bos_token_id=0, eos_token_id=0,
             pad_token_id=0)
+
+
+def scaffold_config(**kwargs):
+    """A ScaffoldConfig whose base and scaffold are both the tiny GPT-2 of TINY, with a fuser after every base layer;
+    the other options go to the ScaffoldConfig."""
+    gpt2 = {k: kwargs.pop(k) for k in TINY if k in kwargs}
+    return ScaffoldConfig(base_config=GPT2Config(**gpt2), scaffold_config=GPT2Config(**gpt2),
+                          cross_attn_layers=list(range(gpt2["n_layer"])), fuser_heads=gpt2["n_head"], **kwargs)
+
+
 # name: (config class, causal LM class, base model class, config overrides). BSBR's chunk of 4 makes every test
 # input cross chunks, so retrieval shapes the outputs.
 ARCHS = {
     "dfa": (DFAConfig, DFAForCausalLM, DFAModel, {}),
     "bsbr": (BSBRConfig, BSBRForCausalLM, BSBRModel, {"chunk_size": 4}),
+    "scaffold": (scaffold_config, ScaffoldForCausalLM, ScaffoldModel, {}),
 }
 CUSTOM_CACHE = {"bsbr"}  # rows whose generate() cache is their own Cache subclass (crop tests below)
 
@@ -36,9 +50,17 @@ def build(arch, model="lm", seed=0, **overrides):
     model = (lm_class if model == "lm" else base_class)(config).eval()
     with torch.no_grad():  # open the identity-initialised modules, so the new architecture shapes the outputs
         for name, param in model.named_parameters():
-            if "retrieval_gate" in name or "c_gate" in name:
+            if "retrieval_gate" in name or "c_gate" in name or (name.startswith("fusers.") and name.endswith(".gate")):
                 param.normal_()
+        if hasattr(model, "scaffold"):  # one token embedding for both GPT-2s, as a scaffold converted from the base has
+            model.scaffold.transformer.wte.weight.copy_(model.base.transformer.wte.weight)
     return model
+
+
+def prompt_read_by_scaffold(net, prompt, prompt_mask):
+    """Scaffolded decoding reads the scaffold states of the prompt (the first forward into the cache) at every step:
+    the uncached forward that it equals gives the scaffold that prompt. Nothing for the other rows."""
+    return {"scaffold_input_ids": prompt, "scaffold_attention_mask": prompt_mask} if hasattr(net, "scaffold") else {}
 
 
 def batch(seq=11):
@@ -84,6 +106,8 @@ def test_output_flags_come_from_the_call_or_else_the_config(arch):
 def test_fp32_module_lists_name_built_modules_once(arch, overrides):
     if overrides and arch != "bsbr":
         pytest.skip("compression_factor is a BSBR option")
+    if ARCHS[arch][1] is ScaffoldForCausalLM:
+        pytest.skip("the fusers hold nn.Linear layers, so both lists name them (test_scaffold_fp32_lists_name_the_fusers)")
     net = build(arch, **overrides)
     loose, strict = set(net._keep_in_fp32_modules), set(net._keep_in_fp32_modules_strict)
     assert strict and not loose & strict
@@ -128,7 +152,8 @@ def test_attentions_of_cached_decoding_match_the_full_forward(arch):
     net = build(arch)
     ids, mask = batch()
     with torch.no_grad():
-        full = net(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[-1]
+        full = net(input_ids=ids, attention_mask=mask, output_attentions=True,
+                   **prompt_read_by_scaffold(net, ids[:, :6], mask[:, :6])).attentions[-1]
         out = net(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
         cache = out.past_key_values
         for t in range(6, 11):
@@ -414,3 +439,143 @@ def test_bsbr_task_heads_are_gpt2s_within_a_chunk(head):
             torch.testing.assert_close(have, want)
     if head != "QuestionAnswering":  # a span loss is a softmax over every position, padding included
         torch.testing.assert_close(got.loss, expected.loss)
+
+
+# --- Scaffolded (issue 13): what its two GPT-2s and its fusers add to the contract ------------------------------------
+SCAFFOLDED = [arch for arch, (_, lm_class, _, _) in ARCHS.items() if lm_class is ScaffoldForCausalLM]
+
+
+@pytest.mark.parametrize("arch", SCAFFOLDED)
+def test_scaffold_fp32_lists_name_the_fusers(arch):
+    """Both lists name the fusers (nn.Linear layers: bitsandbytes leaves unconverted only the first list's modules,
+    bfloat16 keeps float32 only the second's); they are built."""
+    net = build(arch)
+    assert set(net._keep_in_fp32_modules) == set(net._keep_in_fp32_modules_strict) == {"fusers"}
+    assert isinstance(net.fusers, torch.nn.ModuleDict) and len(net.fusers) == TINY["n_layer"]
+
+
+@pytest.mark.parametrize("arch", SCAFFOLDED)
+def test_scaffold_reads_inputs_embeds_in_place_of_its_token_embeddings(arch):
+    net = build(arch)  # both GPT-2s share one token embedding (build), so embeddings and ids give the same
+    ids, mask = batch()
+    embeds = net.get_input_embeddings()(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(net(inputs_embeds=embeds, attention_mask=mask).logits,
+                                   net(input_ids=ids, attention_mask=mask).logits)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(net.generate(inputs_embeds=embeds, **kwargs), net.generate(ids, **kwargs)[:, ids.shape[1]:])
+    narrow = ARCHS[arch][1](scaffold_config(**TINY)).eval()
+    narrow.config.scaffold_config.n_embd = 16
+    narrow = ARCHS[arch][1](narrow.config).eval()
+    with pytest.raises(ValueError, match="inputs_embeds of width 32 cannot stand in.*scaffold n_embd=16"):
+        narrow(inputs_embeds=embeds)
+
+
+@pytest.mark.parametrize("arch", SCAFFOLDED)
+def test_config_fields_are_the_base_gpt2s_and_resizing_resizes_both(arch):
+    net = build(arch)
+    config = net.config
+    base = config.base_config
+    assert (config.hidden_size, config.num_attention_heads, config.vocab_size, config.max_position_embeddings,
+            config.num_hidden_layers) == (base.n_embd, base.n_head, base.vocab_size, base.n_positions, base.n_layer)
+    assert not {"hidden_size", "vocab_size", "num_attention_heads"} & set(config.to_dict())  # one place each
+    ids, mask = batch()
+    with torch.no_grad():
+        before = net(input_ids=ids, attention_mask=mask).logits
+        net.resize_token_embeddings(TINY["vocab_size"] + 5)
+        assert config.vocab_size == config.scaffold_config.vocab_size == TINY["vocab_size"] + 5
+        assert net.scaffold.get_input_embeddings().num_embeddings == TINY["vocab_size"] + 5
+        after = net(input_ids=ids, attention_mask=mask).logits
+        net(input_ids=torch.full((1, 3), TINY["vocab_size"] + 4))  # a new token id reaches both GPT-2s
+    torch.testing.assert_close(after[..., : TINY["vocab_size"]], before)
+
+
+@pytest.mark.parametrize("arch", SCAFFOLDED)
+def test_shift_labels_and_hidden_states_by_index(arch):
+    net = build(arch)
+    ids, mask = batch()
+    shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    with torch.no_grad():
+        by_labels = net(input_ids=ids, labels=ids).loss
+        by_shift = net(input_ids=ids, shift_labels=shifted).loss
+        every = net(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        picked = net(input_ids=ids, attention_mask=mask, output_hidden_states=[0, -1]).hidden_states
+    torch.testing.assert_close(by_shift, by_labels)
+    assert len(picked) == len(every) == TINY["n_layer"] + 1 and picked[1] is None
+    torch.testing.assert_close(picked[0], every[0])
+    torch.testing.assert_close(picked[-1], every[-1])
+
+
+@pytest.mark.parametrize("arch", SCAFFOLDED)
+def test_gradient_checkpointing_goes_through_transformers_layers(arch):
+    """gradient_checkpointing_enable() checkpoints the frozen base's blocks too (they rerun in backward), with the
+    gradients of the unchecked run; the base still gets none."""
+    ids = batch()[0]
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        net = build(arch)
+        net.train()
+        if checkpointing:
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        count = []
+        net.base.transformer.h[0].attn.register_forward_hook(lambda *args: count.append(1))
+        net(input_ids=ids, labels=ids).loss.backward()
+        calls.append(len(count))
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert calls == [1, 2]
+    assert grads[0].keys() == grads[1].keys() and not any(n.startswith("base.") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name])
+
+
+@pytest.mark.parametrize("arch", SCAFFOLDED)
+def test_auto_model_loads_the_hidden_states_of_a_saved_lm(arch, tmp_path):
+    from transformers import AutoModel
+
+    import graftlm  # noqa: F401  registers the architectures
+
+    net = build(arch)
+    net.save_pretrained(tmp_path)
+    bare = AutoModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(bare) is ARCHS[arch][2]
+    ids, mask = batch()
+    with torch.no_grad():
+        expected = net(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(bare(input_ids=ids, attention_mask=mask).last_hidden_state, expected)
+
+
+# --- Bridged (issue 13): the seq2seq row ------------------------------------------------------------------------------
+def bridge(**options):
+    from transformers import BertConfig
+
+    from graftlm.configuration.configuration_bridge import BridgeConfig
+    from graftlm.modeling.modeling_bridge import BridgeForConditionalGeneration
+
+    encoder = BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                         vocab_size=TINY["vocab_size"])
+    decoder = GPT2Config(**{**TINY, "n_layer": 1, "add_cross_attention": True})
+    config = BridgeConfig(encoder=encoder, decoder=decoder, pad_token_id=0, decoder_start_token_id=1, **options)
+    torch.manual_seed(0)
+    return BridgeForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("controls", [False, True])
+def test_bridge_return_dict_flags_config_fields_and_fp32_list(controls):
+    ids, mask = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5])
+    net = bridge(controls=controls)
+    with torch.no_grad():
+        out = net(**inputs)
+        as_tuple = net(**inputs, return_dict=False)
+        from_config = bridge(controls=controls, return_dict=False, output_hidden_states=True)(**inputs)
+    assert type(as_tuple) is tuple and len(as_tuple) == len(out.to_tuple())
+    torch.testing.assert_close(as_tuple[0], out.logits)
+    assert type(from_config) is tuple and len(from_config) > len(as_tuple)  # the hidden states came from the config
+    decoder = net.config.decoder
+    assert (net.config.hidden_size, net.config.num_attention_heads, net.config.vocab_size,
+            net.config.max_position_embeddings) == (decoder.n_embd, decoder.n_head, decoder.vocab_size,
+                                                    decoder.n_positions)
+    names = {name.split(".")[-1] for name, _ in net.named_modules()}
+    # both lists (bitsandbytes reads the first, bfloat16 the second), naming only the modules this config builds
+    assert set(net._keep_in_fp32_modules) == set(net._keep_in_fp32_modules_strict) == {"bridge", "controls"} & names
+    assert ("controls" in names) == controls
