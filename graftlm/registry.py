@@ -45,9 +45,14 @@ def all_architectures():
 def _register_all():
     # One line per architecture; each architecture's owner edits only its own line.
     from .configuration.configuration_dfa import DFAConfig
-    from .modeling.modeling_dfa import DFAForCausalLM, DFAModel
+    from .modeling import modeling_dfa as dfa
 
-    register(Architecture("dfa", DFAConfig, {"AutoModel": DFAModel, "AutoModelForCausalLM": DFAForCausalLM}))
+    register(Architecture("dfa", DFAConfig, {
+        "AutoModel": dfa.DFAModel, "AutoModelForCausalLM": dfa.DFAForCausalLM,
+        "AutoModelForSequenceClassification": dfa.DFAForSequenceClassification,
+        "AutoModelForTokenClassification": dfa.DFAForTokenClassification,
+        "AutoModelForQuestionAnswering": dfa.DFAForQuestionAnswering,
+    }))
 
     from .configuration.configuration_bsbr import BSBRConfig
     from .modeling import modeling_bsbr as bsbr

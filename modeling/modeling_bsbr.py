@@ -18,7 +18,7 @@ the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
 
 transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
 initialization, modeling_layers.GradientCheckpointingLayer, modeling_outputs.{BaseModelOutputWithPast,
-CausalLMOutputWithPast, QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast, TokenClassifierOutput},
+CausalLMOutputWithPast},
 modeling_utils.{ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep},
 models.gpt2.modeling_gpt2.GPT2MLP, pytorch_utils.Conv1D, and cache_utils (bsbr_cache.py). The cache's name differs
 between releases: hf_compat.CACHE_NAME.
@@ -32,19 +32,14 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    QuestionAnsweringModelOutput,
-    SequenceClassifierOutputWithPast,
-    TokenClassifierOutput,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
 from ..configuration.configuration_bsbr import LAYER_TYPE, BSBRConfig
 from .bsbr_cache import BSBRCache, prefill_state
+from .gpt2_heads import QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
 from .gpt2_inputs import checked_position_ids
 from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 
@@ -629,114 +624,16 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         return returned(output, return_dict)
 
 
-class _BSBRWithHead(BSBRPreTrainedModel):
-    """A task head on BSBRModel (GPT-2's heads, same names and rules): `_encode` runs the base model with the
-    standard arguments and returns its output (hidden states in input order)."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.transformer = BSBRModel(config)
-
-    def _encode(self, input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
-                output_hidden_states, cache=None, use_cache=None):
-        return self.transformer(
-            input_ids=input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
-        )
+class BSBRForSequenceClassification(SequenceClassificationHead, BSBRPreTrainedModel):
+    base_model_class = BSBRModel
 
 
-class BSBRForSequenceClassification(_BSBRWithHead):
-    """Classifies each row by its last non-padding token (rightmost token that is not config.pad_token_id; the last
-    token without a pad_token_id, which then allows one row only, or with inputs_embeds), as GPT-2 does."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
-        self.post_init()
-
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                cache=None, return_dict=None, **kwargs):
-        output_attentions, output_hidden_states, return_dict = output_flags(
-            self.config, output_attentions, output_hidden_states, return_dict
-        )
-        out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
-                           output_hidden_states, pick_cache(cache, past_key_values), use_cache)
-        logits = self.score(out.last_hidden_state)
-        batch, seq = logits.shape[:2]
-        if self.config.pad_token_id is None and batch != 1:
-            raise ValueError("classifying more than one row needs config.pad_token_id to find each row's last token")
-        last = torch.full((batch,), seq - 1, device=logits.device)
-        if self.config.pad_token_id is not None and input_ids is not None:
-            not_pad = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
-            last = (torch.arange(seq, device=logits.device, dtype=torch.int32) * not_pad).argmax(-1)
-        pooled = logits[torch.arange(batch, device=logits.device), last]
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
-        output = SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled, hidden_states=out.hidden_states, attentions=out.attentions,
-            **cache_kwargs(cache_of(out)),
-        )
-        return returned(output, return_dict)
+class BSBRForTokenClassification(TokenClassificationHead, BSBRPreTrainedModel):
+    base_model_class = BSBRModel
 
 
-class BSBRForTokenClassification(_BSBRWithHead):
-    """One label per token, after dropout of config.classifier_dropout (else 0.1), as GPT-2 does."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        dropout = getattr(config, "classifier_dropout", None)
-        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
-        self.classifier = nn.Linear(config.n_embd, config.num_labels)
-        self.post_init()
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        output_attentions, output_hidden_states, return_dict = output_flags(
-            self.config, output_attentions, output_hidden_states, return_dict
-        )
-        out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
-                           output_hidden_states, use_cache=False)
-        logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config)
-        output = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
-        return returned(output, return_dict)
-
-
-class BSBRForQuestionAnswering(_BSBRWithHead):
-    """Start and end logits of an answer span per token (qa_outputs: n_embd -> 2), as GPT-2 does."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.qa_outputs = nn.Linear(config.n_embd, 2)
-        self.post_init()
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
-        output_attentions, output_hidden_states, return_dict = output_flags(
-            self.config, output_attentions, output_hidden_states, return_dict
-        )
-        out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
-                           output_hidden_states, use_cache=False)
-        start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
-        start_logits, end_logits = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
-        output = QuestionAnsweringModelOutput(
-            loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
-        return returned(output, return_dict)
+class BSBRForQuestionAnswering(QuestionAnsweringHead, BSBRPreTrainedModel):
+    base_model_class = BSBRModel
 
 
 __all__ = [

@@ -36,6 +36,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration.configuration_dfa import DFAConfig
+from .gpt2_heads import QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
 from .gpt2_inputs import checked_position_ids
 from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 from .scalar_params import LegacyScalarsMixin, scalar_parameter
@@ -547,4 +548,27 @@ def _prune_attention(attn, threshold, keep_heads=None):
     return list(attn.kept_heads), n_qk, n_v
 
 
-__all__ = ["DFAForCausalLM", "DFAModel", "DFAPreTrainedModel"]
+# GPT-2's task heads on DFAModel, trained by the task loss alone (no gate-entropy or mask regulariser terms).
+class DFAForSequenceClassification(SequenceClassificationHead, DFAPreTrainedModel):
+    base_model_class = DFAModel
+    encode_kwargs = {"output_regularizers": False}
+
+
+class DFAForTokenClassification(TokenClassificationHead, DFAPreTrainedModel):
+    base_model_class = DFAModel
+    encode_kwargs = {"output_regularizers": False}
+
+
+class DFAForQuestionAnswering(QuestionAnsweringHead, DFAPreTrainedModel):
+    base_model_class = DFAModel
+    encode_kwargs = {"output_regularizers": False}
+
+
+__all__ = [
+    "DFAForCausalLM",
+    "DFAForQuestionAnswering",
+    "DFAForSequenceClassification",
+    "DFAForTokenClassification",
+    "DFAModel",
+    "DFAPreTrainedModel",
+]

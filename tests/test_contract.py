@@ -14,7 +14,7 @@ from transformers import DynamicCache, GPT2Config, StaticCache
 from graftlm.configuration.configuration_bsbr import BSBRConfig
 from graftlm.configuration.configuration_dfa import DFAConfig
 from graftlm.configuration.configuration_scaffold import ScaffoldConfig
-from graftlm.modeling import modeling_bsbr
+from graftlm.modeling import modeling_bsbr, modeling_dfa
 from graftlm.modeling.bsbr_cache import BSBRLayer, BSBRStaticLayer
 from graftlm.modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
 from graftlm.modeling.modeling_dfa import DFAForCausalLM, DFAModel
@@ -409,20 +409,31 @@ def test_bsbr_compiled_decode_completes_chunks_in_one_graph():
     torch.testing.assert_close(compiled_layer.s_cur, eager_layer.s_cur)
 
 
+# Rows with GPT-2's task heads (modeling/gpt2_heads.py): the module, the architecture's own parameter names (left at
+# their identity initialisation when GPT-2's weights load), and config overrides (BSBR: one chunk holds the input).
+HEADED = {
+    "dfa": (modeling_dfa, ("c_gate", "dim_masks", "entropy_balance"), {}),
+    "bsbr": (modeling_bsbr, ("meta_", "retrieval_gate"), {"chunk_size": 16}),
+}
+
+
 @pytest.mark.parametrize("head", ["SequenceClassification", "TokenClassification", "QuestionAnswering"])
-def test_bsbr_task_heads_are_gpt2s_within_a_chunk(head):
-    """BSBR's task heads keep GPT-2's names and rules: with GPT-2's weights (retrieval gates at 0) and an input no
-    longer than a chunk, they give GPT-2's outputs (at real positions; padded ones are computed differently) and
-    loss on a left-padded batch, and the Auto class of the task builds them."""
+@pytest.mark.parametrize("arch", HEADED)
+def test_task_heads_are_gpt2s_at_conversion(arch, head):
+    """The task heads keep GPT-2's names and rules: with GPT-2's weights (the new modules at their identity
+    initialisation; BSBR on an input no longer than a chunk) they give GPT-2's outputs (at real positions; padded ones
+    are computed differently) and loss on a left-padded batch, and the Auto class of the task builds them."""
     import transformers
 
+    module, own_names, overrides = HEADED[arch]
+    prefix = module.__name__.rsplit("_", 1)[-1].upper()
     torch.manual_seed(0)
     stock = getattr(transformers, f"GPT2For{head}")(transformers.GPT2Config(**TINY, num_labels=3)).eval()
-    config = BSBRConfig(**TINY, num_labels=3, chunk_size=16)
+    config = ARCHS[arch][0](**TINY, num_labels=3, **overrides)
     ours = getattr(transformers, f"AutoModelFor{head}").from_config(config).eval()
-    assert type(ours) is getattr(modeling_bsbr, f"BSBRFor{head}")
+    assert type(ours) is getattr(module, f"{prefix}For{head}")
     missing, unexpected = ours.load_state_dict(stock.state_dict(), strict=False)
-    assert not unexpected and all("meta_" in key or "retrieval_gate" in key for key in missing)
+    assert not unexpected and missing and all(any(name in key for name in own_names) for key in missing)
     ids, mask = batch(11)
     labels = {"SequenceClassification": dict(labels=torch.tensor([0, 2])),
               "TokenClassification": dict(labels=torch.randint(0, 3, ids.shape).masked_fill(mask == 0, -100)),

@@ -35,6 +35,9 @@ def test_export_folder_is_hub_ready(dfa, tmp_path):
         "AutoConfig": "configuration_dfa.DFAConfig",
         "AutoModel": "modeling_dfa.DFAModel",
         "AutoModelForCausalLM": "modeling_dfa.DFAForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_dfa.DFAForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_dfa.DFAForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_dfa.DFAForQuestionAnswering",
     }
     for source in folder.glob("*.py"):
         text = source.read_text()

@@ -219,3 +219,46 @@ def test_forward_takes_the_cache_under_either_name_and_returns_it_under_the_runn
         torch.testing.assert_close(logits["cache"], logits["past_key_values"], rtol=0, atol=0)
         with pytest.raises(ValueError, match="not both"):
             model(**step, cache=cache_of(prefill), past_key_values=cache_of(prefill))
+
+
+HEADS = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForQuestionAnswering")
+
+
+@pytest.mark.parametrize("arch", ["dfa", "bsbr"])
+def test_task_heads_load_without_graftlm_and_compute_what_graftlms_classes_do(arch, exports, tmp_path):
+    """The export's auto_map names GPT-2's three task heads (modeling/gpt2_heads.py travels with the code): loaded
+    where graftlm cannot be imported they are the export's classes, and with the same head weights they give the
+    outputs of graftlm's own classes."""
+    import graftlm  # noqa: F401
+
+    folder = exports[arch] / "opened" / "export"
+    result = run_without_graftlm(
+        f"""
+        import json
+        import torch, transformers
+        probe = torch.load({str(exports[arch] / "probe.pt")!r})["forward"]
+        names = {{}}
+        for auto in {HEADS!r}:
+            model = getattr(transformers, auto).from_pretrained({str(folder)!r}, trust_remote_code=True, num_labels=3,
+                                                                pad_token_id=0).eval()
+            with torch.no_grad():
+                out = model(**probe)
+            tensors = [t for t in out.to_tuple() if isinstance(t, torch.Tensor)]  # not the cache
+            torch.save({{"state": model.state_dict(), "out": tensors}}, {str(tmp_path)!r} + f"/{{auto}}.pt")
+            names[auto] = [type(model).__module__, type(model).__name__]
+        print(json.dumps(names))
+        """,
+        tmp_path,
+    )
+    for auto in HEADS:
+        module, name = result[auto]
+        assert module.startswith("transformers_modules.") and name.endswith(auto.removeprefix("AutoModel"))
+        saved = torch.load(tmp_path / f"{auto}.pt")
+        ours = getattr(transformers, auto).from_pretrained(folder, num_labels=3, pad_token_id=0).eval()
+        assert not type(ours).__module__.startswith("transformers_modules.")
+        ours.load_state_dict(saved["state"])
+        with torch.no_grad():
+            expected = [t for t in ours(**probe_inputs(arch)["forward"]).to_tuple() if isinstance(t, torch.Tensor)]
+        assert len(expected) == (2 if auto.endswith("QuestionAnswering") else 1)
+        for got, want in zip(saved["out"], expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
