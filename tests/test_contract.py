@@ -243,23 +243,29 @@ def test_static_cache_generates_the_dynamic_caches_tokens(arch):
     assert torch.equal(from_embeds, dynamic[:, ids.shape[1]:])
 
 
-@pytest.mark.parametrize("arch", rows_with("_can_compile_fullgraph"))
-def test_compiled_decode_step_is_one_graph_with_the_eager_logits(arch):
-    """A decode step on a static cache compiles with fullgraph=True (no graph break, no host sync) and computes the
-    eager logits. aot_eager traces as inductor does (dynamo + AOTAutograd) without its slow CPU code generation."""
-
-    net = build(arch)
-    ids, mask = batch(7)
+def decode_compiled_and_eager(net, prompt, steps):
+    """Prefill `prompt` tokens into two StaticCaches, then decode `steps` tokens through `net` (eager) and through
+    torch.compile(net, fullgraph=True) (no graph break, no host sync), asserting equal logits at every step; returns
+    (eager cache, compiled cache). aot_eager traces as inductor does (dynamo + AOTAutograd) without its slow CPU code
+    generation."""
+    ids, mask = batch(prompt)
     compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
     caches = [StaticCache(config=net.config, max_cache_len=12) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
             net(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        for t in range(2):  # two steps: the second reuses the graph with the cache one token further on
+        for t in range(steps):  # from the second step on, the graph is reused with the cache one token further on
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
             step = dict(input_ids=ids[:, t : t + 1], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1)
             eager = net(**step, past_key_values=caches[0]).logits
             torch.testing.assert_close(compiled(**step, past_key_values=caches[1]).logits, eager)
+    return caches
+
+
+# BSBR's compiled decode is tested over a chunk completion below (test_bsbr_compiled_decode_completes_chunks_...).
+@pytest.mark.parametrize("arch", [arch for arch in rows_with("_can_compile_fullgraph") if arch != "bsbr"])
+def test_compiled_decode_step_is_one_graph_with_the_eager_logits(arch):
+    decode_compiled_and_eager(build(arch), prompt=7, steps=2)
 
 
 # BSBR counts chunks over each row's real tokens, read from a 2-D mask: no custom 4-D masks (its model card).
@@ -392,18 +398,7 @@ def test_bsbr_compiled_decode_completes_chunks_in_one_graph():
     """Decode steps on a static cache, compiled with fullgraph=True (no graph break, no host sync), give the eager
     logits and cache state over steps that complete a chunk in one row and not in the other (the retrieval refresh is
     a torch.cond). aot_eager traces as inductor does without its slow CPU code generation."""
-    net = build("bsbr")
-    ids, mask = batch(6)
-    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
-    caches = [StaticCache(config=net.config, max_cache_len=12) for _ in range(2)]
-    with torch.no_grad():
-        for cache in caches:
-            net(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        for t in range(5):
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            step = dict(input_ids=ids[:, t : t + 1], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1)
-            eager = net(**step, past_key_values=caches[0]).logits
-            torch.testing.assert_close(compiled(**step, past_key_values=caches[1]).logits, eager)
+    caches = decode_compiled_and_eager(build("bsbr"), prompt=6, steps=5)
     eager_layer, compiled_layer = caches[0].layers[-1], caches[1].layers[-1]
     assert eager_layer.chunks.tolist() == compiled_layer.chunks.tolist() == [2, 2]
     torch.testing.assert_close(compiled_layer.s_cur, eager_layer.s_cur)
