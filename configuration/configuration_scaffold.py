@@ -77,6 +77,14 @@ class ScaffoldConfig(PreTrainedConfig):
         self.base_config.vocab_size = self.scaffold_config.vocab_size = value
 
     @property
+    def pad_token_id(self):  # the task heads pool on the last token that is not the base's pad token
+        return self.base_config.pad_token_id
+
+    @pad_token_id.setter
+    def pad_token_id(self, value):
+        self.base_config.pad_token_id = value
+
+    @property
     def max_position_embeddings(self):
         return self.base_config.n_positions
 

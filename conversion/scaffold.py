@@ -104,6 +104,7 @@ def convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=(5, 7), **options
     source.update({f"scaffold.{k}": v for k, v in stock_scaffold.state_dict().items()})
     new_keys = [k for k in model.state_dict() if k.startswith("fusers.")]
     copy_weights(model, source, {key: key for key in source}, new_keys)
+    model.freeze_base()  # what the converted model is for: training the fusers (and LoRA) over the frozen base
     model.generation_config = stock_base.generation_config
     model.eval()
 

@@ -70,6 +70,11 @@ def _register_all():
     register(Architecture("bridge", BridgeConfig, {"AutoModelForSeq2SeqLM": BridgeForConditionalGeneration}))
 
     from .configuration.configuration_scaffold import ScaffoldConfig
-    from .modeling.modeling_scaffold import ScaffoldForCausalLM, ScaffoldModel
+    from .modeling import modeling_scaffold as scaffold
 
-    register(Architecture("scaffold", ScaffoldConfig, {"AutoModel": ScaffoldModel, "AutoModelForCausalLM": ScaffoldForCausalLM}))
+    register(Architecture("scaffold", ScaffoldConfig, {
+        "AutoModel": scaffold.ScaffoldModel, "AutoModelForCausalLM": scaffold.ScaffoldForCausalLM,
+        "AutoModelForSequenceClassification": scaffold.ScaffoldForSequenceClassification,
+        "AutoModelForTokenClassification": scaffold.ScaffoldForTokenClassification,
+        "AutoModelForQuestionAnswering": scaffold.ScaffoldForQuestionAnswering,
+    }))

@@ -27,17 +27,19 @@ class TaskHead:
 
     base_model_class = None  # the architecture's base model (e.g. DFAModel), set by each head class
     encode_kwargs = {}  # extra base-model arguments of the architecture (e.g. DFA: no regulariser terms)
+    passed_kwargs = ()  # the base model's own forward arguments a caller may give a head (e.g. scaffold_weight)
 
     def __init__(self, config):
         super().__init__(config)
         self.transformer = self.base_model_class(config)
 
     def _encode(self, input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
-                output_hidden_states, cache=None, use_cache=None):
+                output_hidden_states, cache=None, use_cache=None, **kwargs):
+        passed = {name: kwargs[name] for name in self.passed_kwargs if name in kwargs}
         return self.transformer(
             input_ids=input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True, **self.encode_kwargs,
+            output_hidden_states=output_hidden_states, return_dict=True, **self.encode_kwargs, **passed,
         )
 
 
@@ -48,7 +50,7 @@ class SequenceClassificationHead(TaskHead):
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
@@ -58,7 +60,7 @@ class SequenceClassificationHead(TaskHead):
             self.config, output_attentions, output_hidden_states, return_dict
         )
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
-                           output_hidden_states, pick_cache(cache, past_key_values), use_cache)
+                           output_hidden_states, pick_cache(cache, past_key_values), use_cache, **kwargs)
         logits = self.score(out.last_hidden_state)
         batch, seq = logits.shape[:2]
         if self.config.pad_token_id is None and batch != 1:
@@ -86,7 +88,7 @@ class TokenClassificationHead(TaskHead):
         self.num_labels = config.num_labels
         dropout = getattr(config, "classifier_dropout", None)
         self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
-        self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
@@ -95,7 +97,7 @@ class TokenClassificationHead(TaskHead):
             self.config, output_attentions, output_hidden_states, return_dict
         )
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
-                           output_hidden_states, use_cache=False)
+                           output_hidden_states, use_cache=False, **kwargs)
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
@@ -107,11 +109,11 @@ class TokenClassificationHead(TaskHead):
 
 
 class QuestionAnsweringHead(TaskHead):
-    """Start and end logits of an answer span per token (qa_outputs: n_embd -> 2), as GPT-2 does."""
+    """Start and end logits of an answer span per token (qa_outputs: hidden_size -> 2), as GPT-2 does."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.qa_outputs = nn.Linear(config.n_embd, 2)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -121,7 +123,7 @@ class QuestionAnsweringHead(TaskHead):
             self.config, output_attentions, output_hidden_states, return_dict
         )
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
-                           output_hidden_states, use_cache=False)
+                           output_hidden_states, use_cache=False, **kwargs)
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
         start_logits, end_logits = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
         loss = None

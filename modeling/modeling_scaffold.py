@@ -37,6 +37,7 @@ from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 from transformers.utils import TransformersKwargs, cached_file
 
 from ..configuration.configuration_scaffold import ScaffoldConfig
+from .gpt2_heads import QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
 from .gpt2_inputs import checked_position_ids
 from .hf_compat import cache_kwargs, check_forward_kwargs, output_flags, pick_cache, returned
 from .scaffold_lora import (
@@ -146,11 +147,6 @@ class ScaffoldPreTrainedModel(PreTrainedModel):
     # the modules of _keep_in_fp32_modules, and bfloat16 loading keeps float32 only those of the strict list.
     _keep_in_fp32_modules = ["fusers"]
     _keep_in_fp32_modules_strict = ["fusers"]
-    # Each GPT-2 ties its lm_head to its token embeddings, as GPT2LMHeadModel does.
-    _tied_weights_keys = {
-        "base.lm_head.weight": "base.transformer.wte.weight",
-        "scaffold.lm_head.weight": "scaffold.transformer.wte.weight",
-    }
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_attention_backend = True  # the base's blocks and the fusers dispatch through ALL_ATTENTION_FUNCTIONS
@@ -167,6 +163,49 @@ class ScaffoldPreTrainedModel(PreTrainedModel):
             init.ones_(module.ln.weight)
             init.zeros_(module.ln.bias)
             init.zeros_(module.gate)  # identity at conversion (Flamingo's tanh gate at 0)
+        elif isinstance(module, nn.Linear) and not isinstance(self, ScaffoldModel):
+            # a task head's own layer (score, classifier, qa_outputs), initialised as GPT-2 initialises its heads'
+            init.normal_(module.weight, mean=0.0, std=self.config.base_config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    @property
+    def scaffolded(self):
+        """The ScaffoldModel holding base, scaffold and fusers: this model, or a task head's `transformer`."""
+        return self if isinstance(self, ScaffoldModel) else self.transformer
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """With LoRA attached, the scaffold's plain weights go into the main checkpoint and the adapter, apart,
+        into <save_directory>/scaffold_adapter (peft's format); from_pretrained attaches it again."""
+        core = self.scaffolded
+        if not core.has_lora():
+            self.config.scaffold_adapter = None
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        for key in ("state_dict", "push_to_hub"):
+            if kwargs.get(key):
+                raise ValueError(f"save_pretrained({key}=...) is not supported with LoRA attached; merge_lora() first")
+        self.config.scaffold_adapter = ADAPTER_SUBFOLDER
+        with lora_detached(core.scaffold):
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        save_adapter(core.scaffold, self.config, f"{save_directory}/{ADAPTER_SUBFOLDER}")
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained, then the separately saved LoRA adapter (if any) attached again, and the base
+        frozen (freeze_base): a loaded model trains what `graftlm train scaffold` trains."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        core = (loaded[0] if isinstance(loaded, tuple) else loaded).scaffolded
+        if core.config.scaffold_adapter:
+            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            prefix = f"{hub_kwargs.pop('subfolder')}/" if hub_kwargs.get("subfolder") else ""
+            adapter_file = f"{prefix}{core.config.scaffold_adapter}/{ADAPTER_WEIGHTS}"
+            weights = cached_file(pretrained_model_name_or_path, adapter_file, **hub_kwargs)
+            attach_lora(core.scaffold, core.config)
+            core.scaffold.to(next(core.base.parameters()).device)
+            load_adapter(core.scaffold, weights)
+        core.freeze_base()
+        return loaded
 
 
 def _check_weight(scaffold_weight):
@@ -191,8 +230,17 @@ def _positions_from_mask(mask):
 
 
 class ScaffoldModel(ScaffoldPreTrainedModel):
-    """The frozen base GPT-2 with the scaffold fused in; forward returns its final hidden states (AutoModel). Holds
-    every weight ScaffoldForCausalLM holds, under the same names, so one checkpoint loads as either."""
+    """The base GPT-2 with the scaffold fused in; forward returns its final hidden states (AutoModel). Holds
+    every weight ScaffoldForCausalLM holds, under the same names, so one checkpoint loads as either.
+
+    Built from a config (random weights), every parameter trains, as in any transformers model; the converter,
+    from_pretrained, add_lora and merge_lora freeze the base (freeze_base), as peft freezes what it does not adapt."""
+
+    # Each GPT-2 ties its lm_head to its token embeddings, as GPT2LMHeadModel does.
+    _tied_weights_keys = {
+        "base.lm_head.weight": "base.transformer.wte.weight",
+        "scaffold.lm_head.weight": "scaffold.transformer.wte.weight",
+    }
 
     def __init__(self, config):
         super().__init__(config)
@@ -201,7 +249,6 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
         self.fusers = nn.ModuleDict({str(i): ScaffoldFuser(config, i) for i in config.cross_attn_layers})
         self._generating = None  # a ScaffoldGeneration while generate() runs
         self.post_init()
-        self._set_trainable()
 
     def get_input_embeddings(self):
         return self.base.transformer.wte
@@ -237,55 +284,27 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
     def add_lora(self):
         """Attach fresh LoRA adapters (config's r, alpha, dropout, targets) to the scaffold; B = 0: nothing changes."""
         attach_lora(self.scaffold, self.config)
-        self._set_trainable()
+        self.freeze_base()
         return self
 
     def merge_lora(self):
         """Fold the adapters into the scaffold's weights: plain GPT-2 names again, no peft needed to load."""
         merge_lora(self.scaffold)
         self.config.scaffold_adapter = None
-        self._set_trainable()
+        self.freeze_base()
         return self
 
-    def _set_trainable(self):
-        """Only LoRA parameters, and the fusers when config.train_fuser, require grad; the base never does."""
+    def freeze_base(self):
+        """Only LoRA parameters, and the fusers when config.train_fuser, require grad; the base GPT-2 and the
+        scaffold's own weights do not. Returns the model."""
         for name, param in self.named_parameters():
             is_lora = name.startswith("scaffold.") and ".lora_" in name
             param.requires_grad_(is_lora or (name.startswith("fusers.") and self.config.train_fuser))
+        return self
 
     def gate_values(self):
         """{base layer: tanh(gate)} of every fuser."""
         return {int(i): torch.tanh(f.gate.detach()).item() for i, f in self.fusers.items()}
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """With LoRA attached, the scaffold's plain weights go into the main checkpoint and the adapter, apart,
-        into <save_directory>/scaffold_adapter (peft's format); from_pretrained attaches it again."""
-        if not self.has_lora():
-            self.config.scaffold_adapter = None
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        for key in ("state_dict", "push_to_hub"):
-            if kwargs.get(key):
-                raise ValueError(f"save_pretrained({key}=...) is not supported with LoRA attached; merge_lora() first")
-        self.config.scaffold_adapter = ADAPTER_SUBFOLDER
-        with lora_detached(self.scaffold):
-            result = super().save_pretrained(save_directory, *args, **kwargs)
-        save_adapter(self.scaffold, self.config, f"{save_directory}/{ADAPTER_SUBFOLDER}")
-        return result
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if model.config.scaffold_adapter:
-            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-            prefix = f"{hub_kwargs.pop('subfolder')}/" if hub_kwargs.get("subfolder") else ""
-            adapter_file = f"{prefix}{model.config.scaffold_adapter}/{ADAPTER_WEIGHTS}"
-            weights = cached_file(pretrained_model_name_or_path, adapter_file, **hub_kwargs)
-            attach_lora(model.scaffold, model.config)
-            model.scaffold.to(next(model.base.parameters()).device)
-            load_adapter(model.scaffold, weights)
-        model._set_trainable()
-        return loaded
 
     # ----- forward -----
 
@@ -609,4 +628,32 @@ def truncate_repeated_ngrams(sequences, prompt_length, n, pad_id):
     return sequences
 
 
-__all__ = ["ScaffoldForCausalLM", "ScaffoldModel", "ScaffoldPreTrainedModel", "ScaffoldFuser"]
+class ScaffoldTaskHead:
+    """What GPT-2's task heads (gpt2_heads) need over ScaffoldModel, their `transformer` (mixed in first): it is the
+    base model (so a ScaffoldForCausalLM checkpoint loads under transformer.*), it resizes both GPT-2s' embeddings,
+    and the scaffold's own arguments (scaffold_weight, scaffold_input_ids, ...) reach it."""
+
+    base_model_class = ScaffoldModel
+    base_model_prefix = "transformer"
+    passed_kwargs = ("scaffold_input_ids", "scaffold_attention_mask", "scaffold_states", "scaffold_weight")
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        return self.transformer.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+
+class ScaffoldForSequenceClassification(ScaffoldTaskHead, SequenceClassificationHead, ScaffoldPreTrainedModel):
+    """GPT2ForSequenceClassification's head on the fused final hidden states."""
+
+
+class ScaffoldForTokenClassification(ScaffoldTaskHead, TokenClassificationHead, ScaffoldPreTrainedModel):
+    """GPT2ForTokenClassification's head on the fused final hidden states."""
+
+
+class ScaffoldForQuestionAnswering(ScaffoldTaskHead, QuestionAnsweringHead, ScaffoldPreTrainedModel):
+    """GPT2ForQuestionAnswering's head on the fused final hidden states."""
+
+
+__all__ = [
+    "ScaffoldForCausalLM", "ScaffoldModel", "ScaffoldPreTrainedModel", "ScaffoldFuser", "ScaffoldForSequenceClassification",
+    "ScaffoldForTokenClassification", "ScaffoldForQuestionAnswering",
+]
