@@ -7,6 +7,8 @@ its own tests at the end. Tests that only apply to one row say so by the row's c
 by class attributes.
 """
 
+import re
+
 import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, StaticCache
@@ -14,7 +16,7 @@ from transformers import DynamicCache, GPT2Config, StaticCache
 from graftlm.configuration.configuration_bsbr import BSBRConfig
 from graftlm.configuration.configuration_dfa import DFAConfig
 from graftlm.configuration.configuration_scaffold import ScaffoldConfig
-from graftlm.modeling import modeling_bsbr, modeling_dfa
+from graftlm.modeling import modeling_bsbr, modeling_dfa, modeling_scaffold
 from graftlm.modeling.bsbr_cache import BSBRLayer, BSBRStaticLayer
 from graftlm.modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
 from graftlm.modeling.modeling_dfa import DFAForCausalLM, DFAModel
@@ -405,10 +407,12 @@ def test_bsbr_compiled_decode_completes_chunks_in_one_graph():
 
 
 # Rows with GPT-2's task heads (modeling/gpt2_heads.py): the module, the architecture's own parameter names (left at
-# their identity initialisation when GPT-2's weights load), and config overrides (BSBR: one chunk holds the input).
+# their identity initialisation when GPT-2's weights load), config overrides (BSBR: one chunk holds the input), and
+# where GPT-2's transformer sits (Scaffolded: the base GPT-2 inside the head's ScaffoldModel; its gates stay closed).
 HEADED = {
-    "dfa": (modeling_dfa, ("c_gate", "dim_masks", "entropy_balance"), {}),
-    "bsbr": (modeling_bsbr, ("meta_", "retrieval_gate"), {"chunk_size": 16}),
+    "dfa": (modeling_dfa, ("c_gate", "dim_masks", "entropy_balance"), {}, "transformer."),
+    "bsbr": (modeling_bsbr, ("meta_", "retrieval_gate"), {"chunk_size": 16}, "transformer."),
+    "scaffold": (modeling_scaffold, ("scaffold.", "fusers.", "base.lm_head"), {}, "transformer.base.transformer."),
 }
 
 
@@ -420,14 +424,15 @@ def test_task_heads_are_gpt2s_at_conversion(arch, head):
     are computed differently) and loss on a left-padded batch, and the Auto class of the task builds them."""
     import transformers
 
-    module, own_names, overrides = HEADED[arch]
-    prefix = module.__name__.rsplit("_", 1)[-1].upper()
+    module, own_names, overrides, gpt2_at = HEADED[arch]
+    prefix = ARCHS[arch][1].__name__.removesuffix("ForCausalLM")
     torch.manual_seed(0)
     stock = getattr(transformers, f"GPT2For{head}")(transformers.GPT2Config(**TINY, num_labels=3)).eval()
     config = ARCHS[arch][0](**TINY, num_labels=3, **overrides)
     ours = getattr(transformers, f"AutoModelFor{head}").from_config(config).eval()
     assert type(ours) is getattr(module, f"{prefix}For{head}")
-    missing, unexpected = ours.load_state_dict(stock.state_dict(), strict=False)
+    weights = {re.sub(r"^transformer\.", gpt2_at, key): value for key, value in stock.state_dict().items()}
+    missing, unexpected = ours.load_state_dict(weights, strict=False)
     assert not unexpected and missing and all(any(name in key for name in own_names) for key in missing)
     ids, mask = batch(11)
     labels = {"SequenceClassification": dict(labels=torch.tensor([0, 2])),
@@ -510,6 +515,47 @@ def test_shift_labels_and_hidden_states_by_index(arch):
     assert len(picked) == len(every) == TINY["n_layer"] + 1 and picked[1] is None
     torch.testing.assert_close(picked[0], every[0])
     torch.testing.assert_close(picked[-1], every[-1])
+
+
+@pytest.mark.parametrize("arch", SCAFFOLDED)
+def test_scaffold_from_a_config_trains_everything_until_the_base_is_frozen(arch):
+    """Built from a config, every parameter trains and gradients reach the first hidden state (transformers'
+    retain-grad check); freeze_base (the converter's, from_pretrained's and add_lora's) leaves the fusers only."""
+    net = build(arch).train()
+    assert all(p.requires_grad for p in net.parameters())
+    out = net(input_ids=batch()[0], output_hidden_states=True)
+    out.hidden_states[0].retain_grad()
+    out.logits.flatten()[0].backward()
+    assert out.hidden_states[0].grad is not None and net.base.transformer.wte.weight.grad is not None
+    assert {n for n, p in net.freeze_base().named_parameters() if p.requires_grad} == {
+        n for n, _ in net.named_parameters() if n.startswith("fusers.")
+    }
+
+
+@pytest.mark.parametrize("arch", SCAFFOLDED)
+def test_scaffold_task_heads_read_the_fused_states(arch, tmp_path):
+    """A task head loaded from a causal LM's checkpoint (gates open) gets only its own layer new; it classifies the
+    fused final hidden states that the causal LM computes, scaffold_weight reaches the scaffold (0: the base's
+    states), and the head's layer and the fusers train, the base does not."""
+    from transformers import AutoModelForTokenClassification
+
+    import graftlm  # noqa: F401  registers the architectures
+
+    net = build(arch)
+    net.save_pretrained(tmp_path)
+    head, info = AutoModelForTokenClassification.from_pretrained(
+        tmp_path, num_labels=3, attn_implementation="eager", output_loading_info=True
+    )
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"} and not info["unexpected_keys"]
+    ids, mask = batch()
+    with torch.no_grad():
+        for weight in (None, 0.0):
+            fused = net(input_ids=ids, attention_mask=mask, output_hidden_states=True, scaffold_weight=weight)
+            got = head.eval()(input_ids=ids, attention_mask=mask, scaffold_weight=weight).logits
+            torch.testing.assert_close(got, head.classifier(fused.hidden_states[-1]))
+        assert not torch.allclose(got, head(input_ids=ids, attention_mask=mask).logits)
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in head.named_parameters() if n.startswith(("classifier.", "transformer.fusers."))}
 
 
 @pytest.mark.parametrize("arch", SCAFFOLDED)

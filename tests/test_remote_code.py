@@ -224,7 +224,7 @@ def test_forward_takes_the_cache_under_either_name_and_returns_it_under_the_runn
 HEADS = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForQuestionAnswering")
 
 
-@pytest.mark.parametrize("arch", ["dfa", "bsbr"])
+@pytest.mark.parametrize("arch", ["dfa", "bsbr", "scaffold"])
 def test_task_heads_load_without_graftlm_and_compute_what_graftlms_classes_do(arch, exports, tmp_path):
     """The export's auto_map names GPT-2's three task heads (modeling/gpt2_heads.py travels with the code): loaded
     where graftlm cannot be imported they are the export's classes, and with the same head weights they give the
