@@ -23,20 +23,25 @@ from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returne
 
 class TaskHead:
     """A task head on `base_model_class` (mixed in before the architecture's PreTrainedModel): `_encode` runs the base
-    model with the standard arguments, plus the architecture's `encode_kwargs`, and returns its output."""
+    model with the standard arguments, plus the architecture's `encode_kwargs`, and returns its output.
 
-    base_model_class = None  # the architecture's base model (e.g. DFAModel), set by each head class
+    With base_model_class None, the class mixed in after the head is the base model itself (the head keeps its
+    parameter names, e.g. Scaffolded's base.* / scaffold.* / fusers.*) and its forward encodes."""
+
+    base_model_class = None  # the architecture's base model (e.g. DFAModel), built as `transformer`
     encode_kwargs = {}  # extra base-model arguments of the architecture (e.g. DFA: no regulariser terms)
     passed_kwargs = ()  # the base model's own forward arguments a caller may give a head (e.g. scaffold_weight)
 
     def __init__(self, config):
         super().__init__(config)
-        self.transformer = self.base_model_class(config)
+        if self.base_model_class is not None:
+            self.transformer = self.base_model_class(config)
 
     def _encode(self, input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
                 output_hidden_states, cache=None, use_cache=None, **kwargs):
         passed = {name: kwargs[name] for name in self.passed_kwargs if name in kwargs}
-        return self.transformer(
+        encode = self.transformer if self.base_model_class is not None else super(TaskHead, self).forward
+        return encode(
             input_ids=input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=True, **self.encode_kwargs, **passed,

@@ -51,6 +51,7 @@ from .scaffold_lora import (
     save_adapter,
 )
 
+_HEAD_LAYERS = ("score", "classifier", "qa_outputs")  # the task heads' own layers (gpt2_heads)
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
@@ -147,6 +148,11 @@ class ScaffoldPreTrainedModel(PreTrainedModel):
     # the modules of _keep_in_fp32_modules, and bfloat16 loading keeps float32 only those of the strict list.
     _keep_in_fp32_modules = ["fusers"]
     _keep_in_fp32_modules_strict = ["fusers"]
+    # Each GPT-2 ties its lm_head to its token embeddings, as GPT2LMHeadModel does.
+    _tied_weights_keys = {
+        "base.lm_head.weight": "base.transformer.wte.weight",
+        "scaffold.lm_head.weight": "scaffold.transformer.wte.weight",
+    }
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_attention_backend = True  # the base's blocks and the fusers dispatch through ALL_ATTENTION_FUNCTIONS
@@ -163,49 +169,11 @@ class ScaffoldPreTrainedModel(PreTrainedModel):
             init.ones_(module.ln.weight)
             init.zeros_(module.ln.bias)
             init.zeros_(module.gate)  # identity at conversion (Flamingo's tanh gate at 0)
-        elif isinstance(module, nn.Linear) and not isinstance(self, ScaffoldModel):
-            # a task head's own layer (score, classifier, qa_outputs), initialised as GPT-2 initialises its heads'
+        elif any(module is getattr(self, name, None) for name in _HEAD_LAYERS):
+            # a task head's own layer, initialised as GPT-2 initialises its heads' (nn.Linear)
             init.normal_(module.weight, mean=0.0, std=self.config.base_config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
-
-    @property
-    def scaffolded(self):
-        """The ScaffoldModel holding base, scaffold and fusers: this model, or a task head's `transformer`."""
-        return self if isinstance(self, ScaffoldModel) else self.transformer
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """With LoRA attached, the scaffold's plain weights go into the main checkpoint and the adapter, apart,
-        into <save_directory>/scaffold_adapter (peft's format); from_pretrained attaches it again."""
-        core = self.scaffolded
-        if not core.has_lora():
-            self.config.scaffold_adapter = None
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        for key in ("state_dict", "push_to_hub"):
-            if kwargs.get(key):
-                raise ValueError(f"save_pretrained({key}=...) is not supported with LoRA attached; merge_lora() first")
-        self.config.scaffold_adapter = ADAPTER_SUBFOLDER
-        with lora_detached(core.scaffold):
-            result = super().save_pretrained(save_directory, *args, **kwargs)
-        save_adapter(core.scaffold, self.config, f"{save_directory}/{ADAPTER_SUBFOLDER}")
-        return result
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' from_pretrained, then the separately saved LoRA adapter (if any) attached again, and the base
-        frozen (freeze_base): a loaded model trains what `graftlm train scaffold` trains."""
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        core = (loaded[0] if isinstance(loaded, tuple) else loaded).scaffolded
-        if core.config.scaffold_adapter:
-            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-            prefix = f"{hub_kwargs.pop('subfolder')}/" if hub_kwargs.get("subfolder") else ""
-            adapter_file = f"{prefix}{core.config.scaffold_adapter}/{ADAPTER_WEIGHTS}"
-            weights = cached_file(pretrained_model_name_or_path, adapter_file, **hub_kwargs)
-            attach_lora(core.scaffold, core.config)
-            core.scaffold.to(next(core.base.parameters()).device)
-            load_adapter(core.scaffold, weights)
-        core.freeze_base()
-        return loaded
 
 
 def _check_weight(scaffold_weight):
@@ -233,14 +201,13 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
     """The base GPT-2 with the scaffold fused in; forward returns its final hidden states (AutoModel). Holds
     every weight ScaffoldForCausalLM holds, under the same names, so one checkpoint loads as either.
 
-    Built from a config (random weights), every parameter trains, as in any transformers model; the converter,
-    from_pretrained, add_lora and merge_lora freeze the base (freeze_base), as peft freezes what it does not adapt."""
+    Built from a config (random weights), every parameter that computes trains, as in any transformers model; the
+    converter, from_pretrained, add_lora and merge_lora freeze the base (freeze_base), as peft freezes what it does not
+    adapt. An lm_head that is not its GPT-2's token embeddings (untied) and never computes here (the scaffold's; the
+    base's outside the causal LM) is frozen from the start, as transformers' tests expect of unused parameters."""
 
-    # Each GPT-2 ties its lm_head to its token embeddings, as GPT2LMHeadModel does.
-    _tied_weights_keys = {
-        "base.lm_head.weight": "base.transformer.wte.weight",
-        "scaffold.lm_head.weight": "scaffold.transformer.wte.weight",
-    }
+    _computes_base_lm_head = False  # ScaffoldForCausalLM: True
+
 
     def __init__(self, config):
         super().__init__(config)
@@ -249,6 +216,13 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
         self.fusers = nn.ModuleDict({str(i): ScaffoldFuser(config, i) for i in config.cross_attn_layers})
         self._generating = None  # a ScaffoldGeneration while generate() runs
         self.post_init()
+        self._freeze_unused_lm_heads()
+
+    def _freeze_unused_lm_heads(self):
+        gpt2s = [self.scaffold] if self._computes_base_lm_head else [self.scaffold, self.base]
+        for gpt2 in gpt2s:
+            if gpt2.lm_head.weight is not gpt2.transformer.wte.weight:
+                gpt2.lm_head.requires_grad_(False)
 
     def get_input_embeddings(self):
         return self.base.transformer.wte
@@ -267,6 +241,7 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
         reads the base's token ids."""
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         self.scaffold.resize_token_embeddings(embeddings.num_embeddings, mean_resizing=mean_resizing)
+        self._freeze_unused_lm_heads()  # an untied lm_head is a new parameter now
         return embeddings
 
     def train(self, mode=True):
@@ -295,16 +270,48 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
         return self
 
     def freeze_base(self):
-        """Only LoRA parameters, and the fusers when config.train_fuser, require grad; the base GPT-2 and the
-        scaffold's own weights do not. Returns the model."""
+        """Only LoRA parameters, the fusers when config.train_fuser, and a task head's own layer (left as it is)
+        require grad; the two GPT-2s' own weights do not. Returns the model."""
         for name, param in self.named_parameters():
-            is_lora = name.startswith("scaffold.") and ".lora_" in name
-            param.requires_grad_(is_lora or (name.startswith("fusers.") and self.config.train_fuser))
+            if name.startswith(("base.", "scaffold.")):
+                param.requires_grad_(name.startswith("scaffold.") and ".lora_" in name)
+            elif name.startswith("fusers."):
+                param.requires_grad_(self.config.train_fuser)
         return self
 
     def gate_values(self):
         """{base layer: tanh(gate)} of every fuser."""
         return {int(i): torch.tanh(f.gate.detach()).item() for i, f in self.fusers.items()}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """With LoRA attached, the scaffold's plain weights go into the main checkpoint and the adapter, apart,
+        into <save_directory>/scaffold_adapter (peft's format); from_pretrained attaches it again."""
+        if not self.has_lora():
+            self.config.scaffold_adapter = None
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        for key in ("state_dict", "push_to_hub"):
+            if kwargs.get(key):
+                raise ValueError(f"save_pretrained({key}=...) is not supported with LoRA attached; merge_lora() first")
+        self.config.scaffold_adapter = ADAPTER_SUBFOLDER
+        with lora_detached(self.scaffold):
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        save_adapter(self.scaffold, self.config, f"{save_directory}/{ADAPTER_SUBFOLDER}")
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.config.scaffold_adapter:
+            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            prefix = f"{hub_kwargs.pop('subfolder')}/" if hub_kwargs.get("subfolder") else ""
+            adapter_file = f"{prefix}{model.config.scaffold_adapter}/{ADAPTER_WEIGHTS}"
+            weights = cached_file(pretrained_model_name_or_path, adapter_file, **hub_kwargs)
+            attach_lora(model.scaffold, model.config)
+            model.scaffold.to(next(model.base.parameters()).device)
+            load_adapter(model.scaffold, weights)
+        model.freeze_base()
+        return loaded
 
     # ----- forward -----
 
@@ -513,6 +520,8 @@ def _selected(all_hidden, output_hidden_states):
 
 
 class ScaffoldForCausalLM(ScaffoldModel, GenerationMixin):
+    _computes_base_lm_head = True
+
     def forward(
         self,
         input_ids=None,
@@ -629,27 +638,22 @@ def truncate_repeated_ngrams(sequences, prompt_length, n, pad_id):
 
 
 class ScaffoldTaskHead:
-    """What GPT-2's task heads (gpt2_heads) need over ScaffoldModel, their `transformer` (mixed in first): it is the
-    base model (so a ScaffoldForCausalLM checkpoint loads under transformer.*), it resizes both GPT-2s' embeddings,
-    and the scaffold's own arguments (scaffold_weight, scaffold_input_ids, ...) reach it."""
+    """What GPT-2's task heads (gpt2_heads, mixed in after this) need over Scaffolded GPT-2: they are ScaffoldModels
+    themselves (base_model_class None), so a ScaffoldForCausalLM checkpoint loads into them under the same names with
+    only the head's layer new, and the scaffold's own arguments (scaffold_weight, scaffold_input_ids, ...) reach it."""
 
-    base_model_class = ScaffoldModel
-    base_model_prefix = "transformer"
     passed_kwargs = ("scaffold_input_ids", "scaffold_attention_mask", "scaffold_states", "scaffold_weight")
 
-    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
-        return self.transformer.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
-
-class ScaffoldForSequenceClassification(ScaffoldTaskHead, SequenceClassificationHead, ScaffoldPreTrainedModel):
+class ScaffoldForSequenceClassification(ScaffoldTaskHead, SequenceClassificationHead, ScaffoldModel):
     """GPT2ForSequenceClassification's head on the fused final hidden states."""
 
 
-class ScaffoldForTokenClassification(ScaffoldTaskHead, TokenClassificationHead, ScaffoldPreTrainedModel):
+class ScaffoldForTokenClassification(ScaffoldTaskHead, TokenClassificationHead, ScaffoldModel):
     """GPT2ForTokenClassification's head on the fused final hidden states."""
 
 
-class ScaffoldForQuestionAnswering(ScaffoldTaskHead, QuestionAnsweringHead, ScaffoldPreTrainedModel):
+class ScaffoldForQuestionAnswering(ScaffoldTaskHead, QuestionAnsweringHead, ScaffoldModel):
     """GPT2ForQuestionAnswering's head on the fused final hidden states."""
 
 

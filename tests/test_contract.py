@@ -408,11 +408,11 @@ def test_bsbr_compiled_decode_completes_chunks_in_one_graph():
 
 # Rows with GPT-2's task heads (modeling/gpt2_heads.py): the module, the architecture's own parameter names (left at
 # their identity initialisation when GPT-2's weights load), config overrides (BSBR: one chunk holds the input), and
-# where GPT-2's transformer sits (Scaffolded: the base GPT-2 inside the head's ScaffoldModel; its gates stay closed).
+# where GPT-2's transformer sits (Scaffolded: the base GPT-2, base.transformer; its gates stay closed).
 HEADED = {
     "dfa": (modeling_dfa, ("c_gate", "dim_masks", "entropy_balance"), {}, "transformer."),
     "bsbr": (modeling_bsbr, ("meta_", "retrieval_gate"), {"chunk_size": 16}, "transformer."),
-    "scaffold": (modeling_scaffold, ("scaffold.", "fusers.", "base.lm_head"), {}, "transformer.base.transformer."),
+    "scaffold": (modeling_scaffold, ("scaffold.", "fusers.", "base.lm_head"), {}, "base.transformer."),
 }
 
 
@@ -555,7 +555,7 @@ def test_scaffold_task_heads_read_the_fused_states(arch, tmp_path):
             torch.testing.assert_close(got, head.classifier(fused.hidden_states[-1]))
         assert not torch.allclose(got, head(input_ids=ids, attention_mask=mask).logits)
     trainable = {n for n, p in head.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in head.named_parameters() if n.startswith(("classifier.", "transformer.fusers."))}
+    assert trainable == {n for n, _ in head.named_parameters() if n.startswith(("classifier.", "fusers."))}
 
 
 @pytest.mark.parametrize("arch", SCAFFOLDED)
