@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import registry
+
 logger = logging.getLogger(__name__)
 
-ARCHS = ("dfa", "bsbr", "bridge", "scaffold")
+ARCHS = tuple(registry.names())
 # Model shapes. "tiny" shrinks the vocabulary with the width, so that the LM head's share of the work stays close to
 # GPT-2-small's (head / blocks = 38.6M / 85M parameters there, 2.1M / 3.1M here).
 SIZES = {
@@ -356,19 +358,16 @@ def bench_conversion(args, work_dir):
     """Wall time of `graftlm convert <arch> ... --output-dir` (load, convert, fidelity probe, export) on random
     checkpoints of the conversion size. The scaffold reads two GPT-2s (the same folder twice) and the bridge a BERT
     as large as the GPT-2: both convert about twice the parameters."""
-    from .cli import main as cli_main
+    from .convert import convert as convert_and_export
 
     shape = SIZES[args.conversion_size]
     gpt2_dir, bert_dir = save_checkpoints(shape, 1024, Path(work_dir) / "conversion", tokenizers=True)
     rows = []
     for arch in tqdm(args.archs, desc="conversion + export"):
         out = Path(work_dir) / "exports" / arch
-        argv = ["convert", arch, *CONVERT_ARGUMENTS[arch](str(gpt2_dir), str(bert_dir), shape), "--output-dir", str(out)]
         start = time.perf_counter()
-        code = cli_main(argv)
+        convert_and_export(arch, [*CONVERT_ARGUMENTS[arch](str(gpt2_dir), str(bert_dir), shape), "--output-dir", str(out)])
         seconds = time.perf_counter() - start
-        if code:
-            raise RuntimeError(f"graftlm {' '.join(argv)} failed with exit code {code}")
         size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
         rows.append({"arch": arch, "seconds": seconds, "size": args.conversion_size, "weights_mb": size / 2**20,
                      "target_s": CONVERSION_TARGET_S, "verdict": verdict(seconds, CONVERSION_TARGET_S, False)})

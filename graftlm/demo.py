@@ -138,13 +138,12 @@ def generate_in_fresh_process(folder, auto_class, input_ids, attention_mask, max
 
 def demo_architecture(arch, base, encoder, output_dir, tokenizer, stock, new_tokens=24):
     """Convert `base` into `arch` with the CLI, reload the export in a fresh process, generate, compare with stock."""
-    from .cli import main as cli_main
+    from .convert import convert
     from .inference import load_encoder_tokenizer, load_model_and_tokenizer
 
     folder = output_dir / f"gpt2-{arch}"
-    args = ["convert", arch, *convert_arguments(arch, str(base), str(encoder), stock.config.n_layer)]
-    if cli_main([*args, "--output-dir", str(folder), "--overwrite"]) != 0:
-        raise RuntimeError(f"graftlm {' '.join(args)} failed")
+    convert(arch, [*convert_arguments(arch, str(base), str(encoder), stock.config.n_layer), "--output-dir", str(folder),
+                   "--overwrite"])
     model, _ = load_model_and_tokenizer(folder)
     if model.config.is_encoder_decoder:
         # The decoder starts as GPT-2 exactly (zero cross-attention output): compare with GPT-2 continuing eos.
@@ -182,10 +181,10 @@ def run_demo(base=None, encoder=None, output_dir="demo_output", train_steps=300,
     """Build (or take) a stock GPT-2, convert it into every architecture, export, reload, generate, summarise."""
     from transformers import AutoTokenizer
 
-    from .cli import CONVERTERS
+    from . import registry
     from .conversion.common import load_stock_gpt2
 
-    architectures = architectures or list(CONVERTERS)
+    architectures = architectures or registry.names()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if base is None:

@@ -6,12 +6,13 @@ import sys
 
 import pytest
 
-from graftlm.cli import CONVERTERS, TRAINERS, build_parser, main
+from graftlm import registry
+from graftlm.cli import build_parser, main
 
 
 def subcommands():
-    commands = [["convert", name] for name in CONVERTERS] + [["generate"], ["eval"], ["analyze"], ["demo"]]
-    commands += [["train", name] for name in TRAINERS]
+    commands = [["convert", name] for name in registry.names()] + [["generate"], ["eval"], ["analyze"], ["demo"]]
+    commands += [["train", arch.name] for arch in registry.all_architectures() if arch.trainer]
     return commands + [["chat"], ["bench"]]
 
 
