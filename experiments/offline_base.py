@@ -166,7 +166,7 @@ def build(folder, settings, tokens, manifest):
 
 def base_checkpoint(**overrides):
     """The cached offline base for these settings (DEFAULTS updated by `overrides`), built first when missing."""
-    from graftlm.demo import offline_gpt2_tokenizer
+    from graftlm.offline import offline_gpt2_tokenizer
 
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:

@@ -135,7 +135,7 @@ def save_checkpoints(shape, n_positions, folder, tokenizers=False):
     BertModel(bert).save_pretrained(folder / "bert")
     if tokenizers:
         from .conversion.common import load_tokenizer
-        from .demo import packaged_bert, write_gpt2_tokenizer_files
+        from .offline import packaged_bert, write_gpt2_tokenizer_files
 
         write_gpt2_tokenizer_files(folder / "gpt2")
         load_tokenizer(packaged_bert()).save_pretrained(folder / "bert")

@@ -354,7 +354,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base4):
 
 def test_cli_convert_then_train_heals_and_exports(base4, tmp_path):
     text = tmp_path / "text.txt"
-    from graftlm.demo import offline_text
+    from graftlm.offline import offline_text
 
     text.write_text(offline_text()[:40000], encoding="utf-8")
     converted, healed = tmp_path / "converted", tmp_path / "healed"
