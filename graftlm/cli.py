@@ -31,7 +31,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def run_convert(args):
-    print(f"exported to {conversion.convert_and_export(args)}")
+    folder, report = conversion.convert_and_export(args)
+    print(f"fidelity: {report.summary()}")
+    print(f"exported to {folder}")
 
 
 def run_generate(args):

@@ -1,8 +1,9 @@
 """The one convert -> model card -> export (-> upload) path: `graftlm convert <arch>`, the demo and the bench run it.
 
 Each architecture's converter module (named by its registry row) provides add_arguments(parser) and
-convert_from_args(args) -> (model, {subfolder: tokenizer}, card_builder(repo_id)); this module adds the export
-options every conversion shares and runs the export.
+convert_from_args(args) -> (model, {subfolder: tokenizer}, card_builder(repo_id), report), where report.summary() is
+one line on the conversion's fidelity probe; this module adds the export options every conversion shares and runs
+the export.
 """
 
 import argparse
@@ -33,9 +34,9 @@ def add_arguments(parser, name):
 
 def convert_and_export(args):
     """Convert, write the card and export to args.output_dir (checked before anything is converted), upload with
-    --push-to-hub; returns the export folder."""
+    --push-to-hub; returns (the export folder, the conversion's report)."""
     check_output_args(args)
-    model, tokenizers, card_builder = converter(args.arch).convert_from_args(args)
+    model, tokenizers, card_builder, report = converter(args.arch).convert_from_args(args)
     template, metadata, fields = card_builder(args.push_to_hub or str(args.output_dir))
     if args.license and args.license != metadata.get("license"):
         metadata = {key: value for key, value in metadata.items() if key not in ("license_name", "license_link")}
@@ -44,7 +45,7 @@ def convert_and_export(args):
         model, args.output_dir, tokenizers=tokenizers, card=(template, metadata, fields), overwrite=args.overwrite
     )
     push_from_args(folder, args)
-    return folder
+    return folder, report
 
 
 class _RaisingParser(argparse.ArgumentParser):
@@ -57,4 +58,4 @@ def convert(name, arguments):
     folder; bad arguments raise ValueError naming them."""
     parser = _RaisingParser(prog=f"graftlm convert {name}", allow_abbrev=False)
     add_arguments(parser, name)
-    return convert_and_export(parser.parse_args(arguments))
+    return convert_and_export(parser.parse_args(arguments))[0]

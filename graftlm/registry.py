@@ -14,7 +14,7 @@ class Architecture:
     name: str  # the CLI name: `graftlm convert <name>`, `graftlm train <name>`
     config_class: type
     auto_classes: dict = field(default_factory=dict)  # {"AutoModelForCausalLM": ModelClass, ...}
-    converter: str = ""  # module with add_arguments(parser) and convert_from_args(args) -> (model, tokenizers, card)
+    converter: str = ""  # module with add_arguments(parser), convert_from_args(args) (see graftlm.convert)
     trainer: str = ""  # module with add_arguments(parser) and main(args)
 
     @property
