@@ -149,7 +149,7 @@ def build_parser():
     demo.set_defaults(func=run_demo)
 
     bench = commands.add_parser("bench", help="speed of every architecture against stock GPT-2: JSON, table, plots")
-    importlib.import_module("graftlm.bench").add_arguments(bench)
+    importlib.import_module("graftlm.bench.suite").add_arguments(bench)
 
     chat = commands.add_parser("chat", help="interactive prompt/train loop over a Scaffolded GPT-2 folder")
     importlib.import_module("graftlm.chat").add_arguments(chat)
