@@ -316,6 +316,7 @@ class BSBRAttention(nn.Module):
         placed = weights.new_zeros(b, h, n, n).scatter_add_(2, queries, by_key)
         rows = placed.gather(2, slots.clamp_max(n - 1)[:, None, :, None].expand(b, h, n_chunks * chunk, n))
         back = rows.gather(3, keys.reshape(b, h, n_chunks * chunk, chunk))
+        back = back * holds.view(b, 1, n_chunks, 1, chunk).expand_as(weights).reshape(back.shape)  # empty keys: 0
         used = torch.where(valid[:, None, :, None], back, weights.flatten(2, 3))
         return placed, used.view(b, folded, chunk, chunk)
 
