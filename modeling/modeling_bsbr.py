@@ -15,16 +15,15 @@ a learned head_dim -> head_dim / c projection before phi.
 Chunks are counted over each row's real tokens (attention_mask == 1), so a left-padded row is chunked exactly like
 the same row without padding; a row packing several sequences (position_ids that do not continue by one, without a
 mask or a cache: transformers' padding-free layout) gives each sequence chunks of its own and retrieval from its own
-chunks only, so each gets what it would get alone (TokenLayout). No n x n tensor is built: the local term is a (batch, heads * n_chunks, B, B) SDPA,
-the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
+chunks only, so each gets what it would get alone (TokenLayout). No n x n tensor is built: the local term is a
+(batch, heads * n_chunks, B, B) SDPA, the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
 
 transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
 initialization, modeling_layers.GradientCheckpointingLayer, modeling_outputs.{BaseModelOutputWithPast,
 CausalLMOutputWithPast},
 modeling_utils.{ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep},
 models.gpt2.modeling_gpt2.GPT2MLP, pytorch_utils.Conv1D, utils.output_capturing.{OutputRecorder, capture_outputs},
-and cache_utils (bsbr_cache.py). The cache's name differs
-between releases: hf_compat.CACHE_NAME.
+and cache_utils (bsbr_cache.py). The cache's name differs between releases: hf_compat.CACHE_NAME.
 """
 
 import math
