@@ -75,14 +75,15 @@ def train_arm(arm, base, data, folder, args, seed):
         train_bridge.load_bridge = load_bridge_with_dropout
     try:
         graftlm("train", "bridge", "--model", folder / "converted", "--data", data, "--output-dir", folder / "trained",
-                "--max-steps", args.steps, "--learning-rate", args.learning_rate, "--seed", seed, "--overwrite")
+                "--max-steps", args.steps, "--learning-rate", args.learning_rate, "--max-source-length",
+                args.max_source_length, "--seed", seed, "--overwrite")
     finally:
         train_bridge.load_bridge = load_bridge
     return folder / "trained"
 
 
 @torch.no_grad()
-def document_nll(folder, test, documents, blank_source=False):
+def document_nll(folder, test, documents, max_source_length, blank_source=False):
     """(summed target NLL, target tokens) per document, in the order of `documents`."""
     from graftlm.train_bridge import BridgeCollator, load_bridge
 
@@ -93,7 +94,8 @@ def document_nll(folder, test, documents, blank_source=False):
     eos = target_tokenizer.eos_token_id
     for start in range(0, len(test), 16):
         rows = test[start : start + 16]
-        source = source_tokenizer(["" if blank_source else r["src"] for r in rows], truncation=True, max_length=128)
+        source = source_tokenizer(["" if blank_source else r["src"] for r in rows], truncation=True,
+                                  max_length=max_source_length)
         features = [{"input_ids": i, "attention_mask": m,
                      "labels": target_tokenizer(r["tgt"], add_special_tokens=False).input_ids[:127] + [eos]}
                     for i, m, r in zip(source["input_ids"], source["attention_mask"], rows)]
@@ -148,21 +150,30 @@ def run(args):
     torch.manual_seed(0)
     graftlm("convert", "bridge", "--encoder", minilm_dir(), "--decoder", base, "--bridge", "linear",
             "--output-dir", out / "untrained", "--overwrite")
-    untrained_nll, count, _ = document_nll(out / "untrained", test, documents)
+    untrained_nll, count, _ = document_nll(out / "untrained", test, documents, args.max_source_length)
     generator = torch.Generator().manual_seed(0)
     nll, runs = {}, []
+    partial = out / "runs.partial.json"  # every finished run, so that --resume skips it
+    if args.resume and partial.is_file():
+        saved = json.loads(partial.read_text(encoding="utf-8"))
+        runs = [r for r in saved["runs"] if r["seed"] in args.seeds]
+        nll = {(r["arm"], r["seed"]): torch.tensor(r["document_nll"], dtype=torch.float64) for r in runs}
     for seed in args.seeds:
         for arm in ARMS:
+            if (arm, seed) in nll:
+                continue
             start = time.perf_counter()
             folder = train_arm(arm, base, data, out / f"{arm}-seed{seed}", args, seed)
             seconds = time.perf_counter() - start
-            nll[arm, seed], _, model = document_nll(folder, test, documents)
-            blank, _, _ = document_nll(folder, test, documents, blank_source=True)
+            nll[arm, seed], _, model = document_nll(folder, test, documents, args.max_source_length)
+            blank, _, _ = document_nll(folder, test, documents, args.max_source_length, blank_source=True)
             record = {"arm": arm, "seed": seed, "seconds": round(seconds, 1), "perplexity": ppl(nll[arm, seed], count),
                       "nll_per_token": float(nll[arm, seed].sum() / count.sum()),
-                      "blank_source_perplexity": ppl(blank, count), **bridge_behaviour(model, generator)}
+                      "blank_source_perplexity": ppl(blank, count), **bridge_behaviour(model, generator),
+                      "document_nll": nll[arm, seed].tolist()}
             runs.append(record)
-            logger.info("%s", record)
+            partial.write_text(json.dumps({"command": sys.argv, "runs": runs}), encoding="utf-8")
+            logger.info("%s", {k: v for k, v in record.items() if k != "document_nll"})
             if not args.keep_models:
                 shutil.rmtree(folder.parent)
 
@@ -177,6 +188,7 @@ def run(args):
     results = {
         "command": "python " + shlex.join(sys.argv), "base": str(base), "encoder": "all-MiniLM-L6-v2 (packaged)",
         "seeds": args.seeds, "steps": args.steps, "learning_rate": args.learning_rate, "dropout": args.dropout,
+        "max_source_length": args.max_source_length,
         "train_pairs": len(train_rows),
         "test_pairs": len(test), "test_documents": len(documents), "test_tokens": int(count.sum()),
         "untrained_perplexity": ppl(untrained_nll, count), "runs": runs, "table": table,
@@ -232,9 +244,12 @@ def main(argv=None):
     parser = stdlib_pairs.argument_parser(__doc__, "bridge_ablation")
     parser.add_argument("--steps", type=int, default=500, help="graftlm train bridge's default")
     parser.add_argument("--learning-rate", type=float, default=5e-5, help="graftlm train bridge's default")
+    parser.add_argument("--max-source-length", type=int, default=128, help="graftlm train bridge's default")
     parser.add_argument("--train-pairs", type=int, default=4000)
     parser.add_argument("--dropout", type=float, default=0.1, help="dropout of the linear+dropout arm")
     parser.add_argument("--keep-models", action="store_true", help="keep every converted and trained folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished runs in <output-dir>/runs.partial.json (same settings assumed)")
     args = parser.parse_args(argv)
     args.base = dict(args.base)
     if not 0 <= args.dropout < 1:

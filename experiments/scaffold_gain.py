@@ -185,11 +185,18 @@ def run(args):
     generator = torch.Generator().manual_seed(0)
     nll = {}  # (arm, seed) -> per-document NLL
     runs = []
+    partial = out / "runs.partial.json"  # every finished run, so that --resume skips it
+    if args.resume and partial.is_file():
+        saved = json.loads(partial.read_text(encoding="utf-8"))
+        runs = [r for r in saved["runs"] if r["seed"] in args.seeds]
+        nll = {(arm, r["seed"]): torch.tensor(v, dtype=torch.float64) for r in runs for arm, v in r["nll"].items()}
     for seed in args.seeds:
         train_pairs, valid_pairs = split_pairs(prompt_pairs(train_rows), 0.2, seed)
         options = TrainingOptions(seed=seed, samples_per_epoch=0, epochs=args.epochs)
         arms = ["scaffolded", "lora"] + (["fuser-only", "scaffold-only"] if seed in args.ablation_seeds else [])
         for arm in arms:
+            if (arm, seed) in nll:
+                continue
             start = time.perf_counter()
             if arm == "lora":
                 model, steps = train_lora_base(str(base), rank, tokenizer, train_pairs, valid_pairs, options)
@@ -207,8 +214,10 @@ def run(args):
                         nll[f"scaffolded@w={weight:g}", seed], _ = score(model, scaffold=True, scaffold_weight=weight)
             record.update(arm=arm, seed=seed, seconds=round(time.perf_counter() - start, 1),
                           perplexity=ppl(nll[arm, seed], count))
-            runs.append(record)
             logger.info("%s", record)
+            record["nll"] = {k: v.tolist() for (k, s), v in nll.items() if s == seed and k.split("@")[0] == arm}
+            runs.append(record)
+            partial.write_text(json.dumps({"command": sys.argv, "runs": runs}), encoding="utf-8")
 
     def compare(arm, reference, seeds):
         a = torch.stack([nll[arm, s] for s in seeds]).mean(0)
@@ -288,6 +297,8 @@ def main(argv=None):
                         help="base layers followed by a fuser (default: the middle and the last)")
     parser.add_argument("--scaffold-only-gate", type=float, default=0.5, help="tanh(gate) of the frozen fusers")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished runs in <output-dir>/runs.partial.json (same settings assumed)")
     args = parser.parse_args(argv)
     args.base = dict(args.base)
     if not 0 < args.scaffold_only_gate < 1:
