@@ -22,6 +22,10 @@ linear part LayerNorm(W h + b) (population: equal; ga: a fixed linear map of it)
 
     python experiments/bridge_ablation.py                 # the default 6x256 base (build it first: wants a GPU)
     python experiments/bridge_ablation.py --base n_layer=2 n_embd=64 n_head=2 steps=300 seq_len=64 --threads 1
+
+Cost: with `--train-pairs 480 --steps 60 --learning-rate 5e-4 --max-source-length 64` on the small base, 2-4 minutes
+per arm and seed (MiniLM's backward pass dominates) on this project's 2 CPU cores shared with other jobs; the
+defaults (500 steps) want a GPU.
 """
 
 import json
