@@ -7,7 +7,7 @@
 
 import sys
 
-from graftlm.bench import main
+from graftlm.bench.suite import main
 
 if __name__ == "__main__":
     sys.exit(main())

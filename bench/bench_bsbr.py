@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from graftlm.bench import SIZES, peak_memory_mb, timed  # the suite's shapes and measuring helpers, shared
+from graftlm.bench.measure import SIZES, peak_memory_mb, timed  # the suite's shapes and measuring helpers, shared
 from graftlm.modeling.hf_compat import cache_kwargs, cache_of
 
 logger = logging.getLogger("bench_bsbr")

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from graftlm.bench import ARCHS, SIZES, _sync, convert, save_checkpoints
+from graftlm.bench.measure import ARCHS, SIZES, _sync, convert, save_checkpoints
 
 
 def stock_and_converted(shape, n_positions, archs, folder):

@@ -1,8 +1,11 @@
 """Sharded training == unsharded training, for every architecture: FSDP1, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3.
 
-Each (architecture, strategy) trains a tiny random model (2 layers, 64 wide, vocabulary 1000, dropout 0, every new
-module opened with seeded noise) for --steps AdamW steps on 2 CPU processes over gloo, each process taking half of
-a global batch of 4 sequences; the reference is one unsharded process on the whole batch, same seed, same data.
+Each architecture is built as a tiny random model (2 layers, 64 wide, vocabulary 1000, dropout 0, every new module
+opened with seeded noise) and exported with `graftlm.export.export_model`, as a user would push it. Every training run
+then loads that folder the way a Hub user does: `from_pretrained(folder, trust_remote_code=True)` in a process where
+graftlm cannot be imported, so the exported code is what trains. Each (architecture, strategy) trains for --steps
+AdamW steps on 2 CPU processes over gloo, each process taking half of a global batch of 4 sequences; the reference
+is one unsharded run of the same folder on the whole batch, same data.
 FSDP: FULL_SHARD, auto-wrapped over the model's `_no_split_modules` (FSDP1 with use_orig_params=True, as accelerate
 does: Scaffolded's blocks mix frozen and LoRA parameters). DeepSpeed: deepspeed.initialize with the same AdamW as a
 client optimizer, DS_ACCELERATOR=cpu (its CPU accelerator communicates over gloo).
@@ -11,7 +14,8 @@ client optimizer, DS_ACCELERATOR=cpu (its CPU accelerator communicates over gloo
     python bench/scale_out.py --archs dfa --strategies fsdp2 --steps 3 --json out.json
 
 Prints one row per architecture, max |per-step loss - unsharded loss| per strategy (or why it failed), and writes
-the figures as JSON. Exit code 1 when a run fails or differs by more than --tolerance.
+the figures as JSON (with the class that trained, from the export's code). Exit code 1 when a run fails or differs
+by more than --tolerance.
 """
 
 import argparse
@@ -71,6 +75,25 @@ def build(arch):
             param.add_(torch.randn(param.shape, generator=generator) * 0.05)
             if name.endswith("sigma_raw"):
                 param.fill_(-40.0)  # the bridge's mutation noise, sigma = softplus(-40) ~ 4e-18: no randomness
+    return model
+
+
+def export_all(archs, folder):
+    """Export each architecture's model to folder/<arch> (graftlm is needed here only)."""
+    from graftlm.export import export_model
+
+    for arch in archs:
+        export_model(build(arch), Path(folder) / arch)
+
+
+def load(arch, folder):
+    """The exported model of `arch`, loaded through its own code as a Hub user without graftlm loads it."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if arch == "bridge" else AutoModelForCausalLM
+    model = auto.from_pretrained(Path(folder) / arch, trust_remote_code=True, dtype=torch.float32)
+    if not type(model).__module__.startswith("transformers_modules."):
+        raise RuntimeError(f"{arch}: {type(model).__module__}.{type(model).__name__} is not the export's code")
     return model.train()
 
 
@@ -89,9 +112,11 @@ def optimizer_for(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
 
 
-def reference(arch, steps):
-    """Per-step losses of one unsharded process on the whole global batch."""
-    model = build(arch)
+def reference(arch, steps, folder):
+    """{"losses": per-step losses of one unsharded process on the whole global batch, "moved": the largest change of a
+    trainable parameter over the run (0 would mean nothing trained, and equal losses would prove nothing)}."""
+    model = load(arch, folder)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer = optimizer_for(model)
     losses = []
     for batch in batches(arch, steps):
@@ -100,7 +125,9 @@ def reference(arch, steps):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return losses
+    params = dict(model.named_parameters())
+    moved = max((params[name].detach() - value).abs().max().item() for name, value in before.items())
+    return {"losses": losses, "moved": moved, "class": f"{type(model).__module__}.{type(model).__name__}"}
 
 
 def _wrap_classes(model):
@@ -140,11 +167,11 @@ def _sharded(strategy, model):
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def train_sharded(rank, arch, strategy, steps):
+def train_sharded(rank, arch, strategy, steps, folder):
     """Per-step global losses (mean of the processes' losses) of `arch` under `strategy`, in process `rank`."""
     import torch.distributed as dist
 
-    model, backward, step = _sharded(strategy, build(arch))
+    model, backward, step = _sharded(strategy, load(arch, folder))
     half = GLOBAL_BATCH // WORLD
     losses = []
     for batch in batches(arch, steps):
@@ -158,29 +185,41 @@ def train_sharded(rank, arch, strategy, steps):
     return losses
 
 
-def worker(rank, runs, steps, port, result_file):
-    """One of WORLD processes: every (architecture, strategy) of `runs` in turn, in one gloo group."""
+def worker(rank, archs, strategies, steps, port, folder):
+    """One of WORLD processes, where graftlm cannot be imported: rank 0 trains each architecture's export unsharded,
+    then both train every (architecture, strategy) in turn, in one gloo group; rank 0 writes folder/results.json."""
     import datetime
 
     import torch.distributed as dist
 
+    for name in ("graftlm", "modeling", "configuration", "conversion"):
+        sys.modules[name] = None  # any import of these now raises ImportError: the exports' own code must do
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
+                      HF_MODULES_CACHE=str(Path(folder) / f"hf_modules_{rank}"))
     torch.set_num_threads(1)
-    # A run that fails in one process only leaves the other waiting in a collective: the timeout ends it.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=300))
     results = {}
-    for arch, strategy in runs:
+
+    def attempt(key, run):
         start = time.time()
         try:
-            results[f"{arch}/{strategy}"] = {"losses": train_sharded(rank, arch, strategy, steps)}
+            results[key] = run()
         except Exception as error:  # reported in the table, with the traceback in the JSON
             first_line = str(error).splitlines()[0] if str(error) else ""
-            results[f"{arch}/{strategy}"] = {"error": f"{type(error).__name__}: {first_line}"[:300],
-                                              "traceback": traceback.format_exc()[-4000:]}
-        results[f"{arch}/{strategy}"]["seconds"] = round(time.time() - start, 1)
+            results[key] = {"error": f"{type(error).__name__}: {first_line}"[:300],
+                            "traceback": traceback.format_exc()[-4000:]}
+        results[key]["seconds"] = round(time.time() - start, 1)
         if rank == 0:
-            Path(result_file).write_text(json.dumps(results))
+            (Path(folder) / "results.json").write_text(json.dumps(results))
+
+    if rank == 0:
+        for arch in archs:
+            attempt(f"{arch}/unsharded", lambda: reference(arch, steps, folder))
+    # A run that fails in one process only leaves the other waiting in a collective: the timeout ends it.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=300))
+    for arch in archs:
+        for strategy in strategies:
+            attempt(f"{arch}/{strategy}", lambda: {"losses": train_sharded(rank, arch, strategy, steps, folder)})
     dist.destroy_process_group()
 
 
@@ -190,14 +229,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_sharded(runs, steps, folder):
-    """{"arch/strategy": {"losses": [...]} or {"error": ...}} of every (arch, strategy) in `runs`, on WORLD processes
-    started once."""
+def run_all(archs, strategies, steps, folder):
+    """{"arch/strategy": {"losses": [...]} or {"error": ...}} of every architecture unsharded and under each strategy,
+    trained from its export on WORLD processes started once."""
     import torch.multiprocessing as mp
 
-    result_file = Path(folder) / "sharded.json"
-    mp.spawn(worker, args=(runs, steps, free_port(), str(result_file)), nprocs=WORLD, join=True)
-    return json.loads(result_file.read_text())
+    export_all(archs, folder)
+    mp.spawn(worker, args=(archs, strategies, steps, free_port(), str(folder)), nprocs=WORLD, join=True)
+    return json.loads((Path(folder) / "results.json").read_text())
 
 
 def deepspeed_missing():
@@ -221,30 +260,33 @@ def main(argv=None):
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     report = {"steps": args.steps, "global_batch": GLOBAL_BATCH, "processes": WORLD, "backend": "gloo",
+              "models": "exports loaded with trust_remote_code in processes where graftlm cannot be imported",
               "tolerance": args.tolerance, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "runs": {}}
     missing = deepspeed_missing()
-    runs = [(a, s) for a in args.archs for s in args.strategies if not (missing and s.startswith("zero"))]
+    strategies = [s for s in args.strategies if not (missing and s.startswith("zero"))]
     with tempfile.TemporaryDirectory() as folder:
-        sharded = run_sharded(runs, args.steps, folder) if runs else {}
+        results = run_all(args.archs, strategies, args.steps, folder)
     failed = False
     for arch in args.archs:
-        ref = reference(arch, args.steps)
-        report["runs"][arch] = {"unsharded": ref}
+        ref = results[f"{arch}/unsharded"]
+        report["runs"][arch] = {"unsharded": ref.get("losses"), "unsharded_run": ref}
+        failed |= "losses" not in ref or not ref["moved"] > 0
         for strategy in args.strategies:
-            result = sharded.get(f"{arch}/{strategy}", {"error": missing})
-            if "losses" in result:
-                result["max_abs_diff"] = max(abs(a - b) for a, b in zip(result["losses"], ref))
+            result = results.get(f"{arch}/{strategy}", {"error": missing})
+            if "losses" in result and "losses" in ref:
+                result["max_abs_diff"] = max(abs(a - b) for a, b in zip(result["losses"], ref["losses"]))
                 failed |= result["max_abs_diff"] > args.tolerance
             else:
                 failed = True
             report["runs"][arch][strategy] = result
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"max |loss - unsharded loss| over {args.steps} steps, {WORLD} CPU processes (gloo), global batch "
-          f"{GLOBAL_BATCH}:")
+          f"{GLOBAL_BATCH}; each model is its export, loaded through its own code without graftlm:")
     print("| architecture | " + " | ".join(args.strategies) + " |")
     print("|---" * (len(args.strategies) + 1) + "|")
     for arch, runs in report["runs"].items():
-        cells = [f"{runs[s]['max_abs_diff']:.1e}" if "losses" in runs[s] else f"FAILED: {runs[s]['error']}"
+        cells = [f"{runs[s]['max_abs_diff']:.1e}" if "max_abs_diff" in runs[s]
+                 else f"FAILED: {runs[s].get('error') or runs['unsharded_run'].get('error')}"
                  for s in args.strategies]
         print(f"| {arch} | " + " | ".join(cells) + " |")
     print(f"figures in {args.json}")

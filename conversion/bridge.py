@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from transformers import GenerationConfig, GPT2Config
 
 from ..configuration.configuration_bridge import BRIDGE_TYPES, BridgeConfig
@@ -22,6 +21,9 @@ from ..modeling.pipeline_bridge import CUSTOM_PIPELINES, ENCODER_TOKENIZER_SUBFO
 from .common import (
     ConversionError,
     card_tables,
+    check_option_names,
+    config_errors,
+    config_fields,
     copy_weights,
     load_stock_bert,
     load_stock_gpt2,
@@ -68,7 +70,6 @@ NEW_MODULES = {
 }
 _NEW_PREFIXES = ("bridge.", "controls.")
 _NEW_INFIXES = (".crossattention.", ".ln_cross_attn.")
-_META_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")
 
 
 @dataclass
@@ -83,12 +84,14 @@ class ConversionReport:
     new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
     skipped_keys: tuple = SKIPPED_ENCODER_KEYS
 
+    def summary(self):
+        return (f"encoder max |delta| = {self.encoder_max_abs_delta:.3g} vs stock BERT; decoder max |delta logits| = "
+                f"{self.decoder_max_abs_logit_delta:.3g} vs stock GPT-2")
+
 
 def check_options(options):
     """Reject unknown options and options that the chosen bridge (or controls=False) would ignore."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown bridge option(s): {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+    check_option_names(options, OPTIONS, "bridge")
     bridge_type = options.get("bridge_type", OPTIONS["bridge_type"])
     if bridge_type not in BRIDGE_TYPES:
         raise ConversionError(f"unknown bridge type {bridge_type!r}; choose one of {', '.join(BRIDGE_TYPES)}")
@@ -104,11 +107,11 @@ def check_options(options):
 def bridge_config(encoder_config, decoder_config, **options):
     """BridgeConfig from stock BERT and GPT-2 configs; GPT-2's eos id serves as decoder start and pad token."""
     check_options(options)
-    decoder_fields = {k: v for k, v in decoder_config.to_dict().items() if k not in _META_KEYS}
+    decoder_fields = config_fields(decoder_config)
     decoder_fields["add_cross_attention"] = True
     eos = decoder_config.eos_token_id
     start = decoder_config.bos_token_id if decoder_config.bos_token_id is not None else eos
-    try:
+    with config_errors():
         return BridgeConfig(
             encoder=encoder_config,
             decoder=GPT2Config(**decoder_fields),
@@ -118,8 +121,6 @@ def bridge_config(encoder_config, decoder_config, **options):
             decoder_start_token_id=start,
             **{**OPTIONS, **options},
         )
-    except StrictDataclassError as err:  # a field failed validation: surface the field's own message
-        raise ConversionError(str(err).split("\n", 1)[-1].strip()) from err
 
 
 @torch.no_grad()
@@ -250,7 +251,7 @@ def options_from_args(args):
 
 
 def convert_from_args(args):
-    """CLI entry: returns (model, tokenizers, card builder) for the shared export step."""
+    """CLI entry: returns (model, tokenizers, card builder, report) for the shared export step."""
     options = options_from_args(args)
     check_options(options)
     decoder_tokenizer = load_tokenizer(args.decoder)
@@ -258,10 +259,8 @@ def convert_from_args(args):
     model, report = convert_bert_gpt2_to_bridge(args.encoder, args.decoder, **options)
     if decoder_tokenizer.pad_token is None:  # GPT-2 has none; the model pads with eos, so the tokenizer does too
         decoder_tokenizer.pad_token = decoder_tokenizer.eos_token
-    print(f"fidelity: encoder max |delta| = {report.encoder_max_abs_delta:.3g} vs stock BERT; decoder max |delta logits| "
-          f"= {report.decoder_max_abs_logit_delta:.3g} vs stock GPT-2")
     tokenizers = {"": decoder_tokenizer, ENCODER_TOKENIZER_SUBFOLDER: encoder_tokenizer}
-    return model, tokenizers, lambda repo_id: model_card(report, repo_id)
+    return model, tokenizers, lambda repo_id: model_card(report, repo_id), report
 
 
 __all__ = ["ConversionError", "bridge_config", "check_options", "convert_bert_gpt2_to_bridge"]

@@ -16,12 +16,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 
 from ..configuration.configuration_bsbr import FEATURE_MAPS, BSBRConfig
 from ..export import hub_ids, source_name
 from ..modeling.modeling_bsbr import BSBRForCausalLM, block_average
-from .common import ConversionError, card_tables, copy_weights, load_stock_gpt2, max_logit_delta, probe_batch
+from .common import (ConversionError, card_tables, check_option_names, config_errors, config_fields, copy_weights,
+                     load_stock_gpt2, max_logit_delta, options_from_args, probe_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ _NEW_SUFFIXES = (
     ".attn.retrieval_gate.weight", ".attn.compress_proj.weight",
 )
 # GPT2Config fields that are bookkeeping rather than architecture.
-_META_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")
 FIDELITY_LIMIT = 1e-3  # a larger delta within one chunk means the conversion is wrong, not merely imprecise
 
 
@@ -55,11 +54,14 @@ class ConversionReport:
     num_parameters: int
     new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
 
+    def summary(self):
+        return (f"max |logits(GPT2-BSBR) - logits(GPT-2)| = {self.chunk_delta:.3g} within one chunk "
+                f"(n={self.chunk_probe_length}); {self.block_delta:.3g} against block-diagonal GPT-2 "
+                f"(n={self.block_probe_length})")
+
 
 def _check_options(options):
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown BSBR option(s): {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+    check_option_names(options, OPTIONS, "BSBR")
     for name in ("chunk_size", "compression_factor", "n_positions"):
         value = options.get(name, OPTIONS[name])
         if name == "chunk_size" or value is not None:
@@ -72,15 +74,13 @@ def _check_options(options):
 def bsbr_config_from_gpt2(gpt2_config, **options):
     _check_options(options)
     options = {**OPTIONS, **options}
-    fields = {k: v for k, v in gpt2_config.to_dict().items() if k not in _META_KEYS}
+    fields = config_fields(gpt2_config)
     n_positions = options.pop("n_positions") or gpt2_config.n_positions
     if n_positions < gpt2_config.n_positions:
         raise ValueError(f"n_positions ({n_positions}) must be >= the base model's n_positions ({gpt2_config.n_positions})")
     fields["n_positions"] = n_positions
-    try:
+    with config_errors():
         return BSBRConfig(**fields, **options)
-    except StrictDataclassError as err:  # re-raised as the ValueError every converter raises on bad options
-        raise ValueError(str(err)) from err
 
 
 def tiled_positions(wpe, n_positions):
@@ -240,21 +240,12 @@ def add_arguments(parser):
 
 
 def convert_from_args(args):
-    """CLI entry: returns (model, tokenizers, card builder) for the shared export step."""
+    """CLI entry: returns (model, tokenizers, card builder, report) for the shared export step."""
     from .common import load_tokenizer
 
     tokenizer = load_tokenizer(args.base)
-    model, report = convert_gpt2_to_bsbr(
-        args.base,
-        chunk_size=args.chunk_size,
-        compression_factor=args.compression_factor,
-        n_positions=args.n_positions,
-        feature_map=args.feature_map,
-    )
-    print(f"fidelity: max |logits(GPT2-BSBR) - logits(GPT-2)| = {report.chunk_delta:.3g} within one chunk "
-          f"(n={report.chunk_probe_length}); {report.block_delta:.3g} against block-diagonal GPT-2 "
-          f"(n={report.block_probe_length})")
-    return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id, model.config)
+    model, report = convert_gpt2_to_bsbr(args.base, **options_from_args(args, OPTIONS))
+    return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id, model.config), report
 
 
 __all__ = ["ConversionError", "TransformerToBSBRConverter", "convert_gpt2_to_bsbr", "convert_to_bsbr"]

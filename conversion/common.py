@@ -1,8 +1,10 @@
 """Shared by every converter: strict loading of stock checkpoints, literal weight copies, fidelity probes."""
 
+import contextlib
 import logging
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from ..inputs import check_model_folder, check_tokenizer
 
@@ -14,6 +16,36 @@ GPT2_LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias", ".crossattention.bias"
 
 class ConversionError(ValueError):
     pass
+
+
+# Fields of a stock config that describe the checkpoint, not the architecture: a converter's new config drops them.
+META_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")
+
+
+def config_fields(config, keep=()):
+    """The fields of a stock config without META_KEYS (except those named in `keep`)."""
+    return {k: v for k, v in config.to_dict().items() if k not in META_KEYS or k in keep}
+
+
+def check_option_names(options, known, what):
+    """TypeError naming every option of `options` that `known` (the converter's OPTIONS) lacks."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"unknown {what} option(s): {', '.join(unknown)} (known: {', '.join(known)})")
+
+
+@contextlib.contextmanager
+def config_errors():
+    """A config field that fails its validation becomes a ConversionError carrying the field's own message."""
+    try:
+        yield
+    except StrictDataclassError as err:
+        raise ConversionError(str(err.__cause__ or err)) from err
+
+
+def options_from_args(args, options):
+    """The converter's options (the keys of its OPTIONS) as the command line parsed them."""
+    return {name: getattr(args, name) for name in options}
 
 
 def _load_strict(model_class, name_or_path, expected_model_types, what, **kwargs):

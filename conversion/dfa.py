@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from ..configuration.configuration_dfa import DFAConfig
 from ..export import hub_ids, source_name
 from ..modeling.modeling_dfa import DFAForCausalLM
-from .common import ConversionError, card_tables, copy_weights, load_stock_gpt2, max_logit_delta, probe_batch
+from .common import (ConversionError, card_tables, check_option_names, config_fields, copy_weights, load_stock_gpt2,
+                     max_logit_delta, options_from_args, probe_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ NEW_MODULES = {
 }
 _NEW_SUFFIXES = (".attn.c_gate.weight", ".attn.c_gate.bias", ".attn.dim_masks.q", ".attn.dim_masks.k", ".attn.dim_masks.v")
 # GPT2Config fields that are bookkeeping rather than architecture.
-_META_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")
 
 
 @dataclass
@@ -38,17 +38,13 @@ class ConversionReport:
     num_parameters: int
     new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
 
-
-def _check_options(options):
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown DFA option(s): {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+    def summary(self):
+        return f"max |logits(GPT2-DFA) - logits(GPT-2)| = {self.max_abs_logit_delta:.3g} on the probe batch"
 
 
 def dfa_config_from_gpt2(gpt2_config, **options):
-    _check_options(options)
-    fields = {k: v for k, v in gpt2_config.to_dict().items() if k not in _META_KEYS}
-    return DFAConfig(**fields, **{**OPTIONS, **options})
+    check_option_names(options, OPTIONS, "DFA")
+    return DFAConfig(**config_fields(gpt2_config), **{**OPTIONS, **options})
 
 
 def convert_gpt2_to_dfa(base, **options):
@@ -57,7 +53,7 @@ def convert_gpt2_to_dfa(base, **options):
     Raises ConversionError when `base` is not a GPT-2 checkpoint or its weights do not match GPT-2's
     layout, and TypeError on an unknown option.
     """
-    _check_options(options)  # before any loading
+    check_option_names(options, OPTIONS, "DFA")  # before any loading
     stock = load_stock_gpt2(base)
     config = dfa_config_from_gpt2(stock.config, **options)
     config._attn_implementation = stock.config._attn_implementation
@@ -110,20 +106,12 @@ def add_arguments(parser):
 
 
 def convert_from_args(args):
-    """CLI entry: returns (model, tokenizers, card builder) for the shared export step."""
+    """CLI entry: returns (model, tokenizers, card builder, report) for the shared export step."""
     from .common import load_tokenizer
 
     tokenizer = load_tokenizer(args.base)
-    model, report = convert_gpt2_to_dfa(
-        args.base,
-        gate_mode=args.gate_mode,
-        target_entropy_ratio=args.target_entropy_ratio,
-        entropy_weight_init=args.entropy_weight_init,
-        mask_sparsity_weight=args.mask_sparsity_weight,
-        mask_threshold=args.mask_threshold,
-    )
-    print(f"fidelity: max |logits(GPT2-DFA) - logits(GPT-2)| = {report.max_abs_logit_delta:.3g} on the probe batch")
-    return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id)
+    model, report = convert_gpt2_to_dfa(args.base, **options_from_args(args, OPTIONS))
+    return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id), report
 
 
 __all__ = ["ConversionError", "convert_gpt2_to_dfa", "dfa_config_from_gpt2"]

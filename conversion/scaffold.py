@@ -10,7 +10,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from huggingface_hub.errors import StrictDataclassError
 
 from ..configuration.configuration_scaffold import LORA_TARGETS, ScaffoldConfig
 from ..export import hub_ids, source_name
@@ -18,10 +17,14 @@ from ..modeling.modeling_scaffold import ScaffoldForCausalLM
 from .common import (
     ConversionError,
     card_tables,
+    check_option_names,
+    config_errors,
+    config_fields,
     copy_weights,
     load_stock_gpt2,
     load_tokenizer,
     max_logit_delta,
+    options_from_args,
     probe_batch,
 )
 
@@ -43,8 +46,6 @@ NEW_MODULES = {
     "fusers.<layer>.gate": "tanh gate, zero-initialised: tanh(0) = 0, so the converted model is the base GPT-2",
 }
 FIDELITY_TOLERANCE = 1e-5
-# GPT2Config fields that are bookkeeping rather than architecture.
-_META_KEYS = ("architectures", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")
 
 
 @dataclass
@@ -59,31 +60,22 @@ class ConversionReport:
     training: str = "Not trained yet: the gates are closed and the scaffold carries no adapters. Train with " \
         "`graftlm train scaffold`."
 
-
-def _reject_unknown(options):
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown scaffold option(s): {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
-
-
-def _sub_config(gpt2_config):
-    return {k: v for k, v in gpt2_config.to_dict().items() if k not in _META_KEYS}
+    def summary(self):
+        return f"max |logits(scaffolded) - logits(base GPT-2)| = {self.max_abs_logit_delta:.3g} on the probe batch"
 
 
 def scaffold_config_from_gpt2(base_config, scaffold_config, cross_attn_layers, **options):
     """A ScaffoldConfig, or a ConversionError naming the option that does not fit these checkpoints."""
-    _reject_unknown(options)
-    try:
+    check_option_names(options, OPTIONS, "scaffold")
+    with config_errors():
         return ScaffoldConfig(
-            base_config=_sub_config(base_config),
-            scaffold_config=_sub_config(scaffold_config),
+            base_config=config_fields(base_config, keep=("model_type",)),
+            scaffold_config=config_fields(scaffold_config, keep=("model_type",)),
             cross_attn_layers=list(cross_attn_layers),
             base_name_or_path=str(base_config._name_or_path),
             scaffold_name_or_path=str(scaffold_config._name_or_path),
             **{**OPTIONS, **options},
         )
-    except StrictDataclassError as err:
-        raise ConversionError(str(err.__cause__ or err)) from err
 
 
 def convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=(5, 7), **options):
@@ -93,7 +85,7 @@ def convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=(5, 7), **options
     checkpoint is not GPT-2, its weights do not match GPT-2's layout, an option is out of range, or the converted
     model is not the base GPT-2 within FIDELITY_TOLERANCE; TypeError on an unknown option.
     """
-    _reject_unknown(options)
+    check_option_names(options, OPTIONS, "scaffold")
     stock_base = load_stock_gpt2(base)
     stock_scaffold = load_stock_gpt2(scaffold)
     config = scaffold_config_from_gpt2(stock_base.config, stock_scaffold.config, cross_attn_layers, **options)
@@ -178,24 +170,12 @@ def add_arguments(parser):
 
 
 def convert_from_args(args):
-    """CLI entry: returns (model, tokenizers, card builder) for the shared export step."""
+    """CLI entry: returns (model, tokenizers, card builder, report) for the shared export step."""
     tokenizer = load_tokenizer(args.base)
     check_same_vocabulary(tokenizer, load_tokenizer(args.scaffold, required=False))
-    model, report = convert_gpt2_to_scaffold(
-        args.base,
-        args.scaffold,
-        cross_attn_layers=args.cross_attn_layers,
-        influence=args.influence,
-        fuser_heads=args.fuser_heads,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_target_modules=args.lora_target_modules,
-        train_fuser=args.train_fuser,
-    )
-    delta = report.max_abs_logit_delta
-    print(f"fidelity: max |logits(scaffolded) - logits(base GPT-2)| = {delta:.3g} on the probe batch")
-    return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id)
+    model, report = convert_gpt2_to_scaffold(args.base, args.scaffold, cross_attn_layers=args.cross_attn_layers,
+                                             **options_from_args(args, OPTIONS))
+    return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id), report
 
 
 __all__ = ["ConversionError", "convert_gpt2_to_scaffold", "scaffold_config_from_gpt2"]

@@ -1,7 +1,7 @@
 """Healing experiment for GPT2-BSBR: perplexity of stock vs converted vs healed GPT-2 at several context lengths.
 
 Everything ships offline:
-1. a small stock GPT-2 (graftlm.demo.build_local_gpt2: GPT-2's tokenizer, trained on Python's help() topic pages,
+1. a small stock GPT-2 (graftlm.offline.build_local_gpt2: GPT-2's tokenizer, trained on Python's help() topic pages,
    `pydoc_data.topics`), with n_positions = 256;
 2. its GPT2-BSBR conversion (`graftlm convert bsbr`, chunk_size 16 by default, so 128 tokens span 8 chunks);
 3. the converted model healed by `graftlm train bsbr` on the same help() text, with windows of 128 tokens;
@@ -95,7 +95,7 @@ def run(args):
     from graftlm import train_bsbr
     from graftlm.conversion.bsbr import convert_gpt2_to_bsbr, model_card
     from graftlm.conversion.common import load_tokenizer
-    from graftlm.demo import build_local_gpt2, offline_text
+    from graftlm.offline import build_local_gpt2, offline_text
     from graftlm.evaluation import evaluate_perplexity
     from graftlm.export import export_model
 

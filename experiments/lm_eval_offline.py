@@ -7,7 +7,7 @@ tokens) beside graftlm's, with their relative difference.
 
     python experiments/lm_eval_offline.py EXPORT [EXPORT ...] [--documents 3] [--chars 1500]
 
-The documents are the English text that ships with Python (graftlm.demo.offline_text), cut into --documents pieces
+The documents are the English text that ships with Python (graftlm.offline.offline_text), cut into --documents pieces
 of --chars characters, so that each spans several windows of a 128-position test model.
 """
 
@@ -62,7 +62,7 @@ def main():
     parser.add_argument("--chars", type=int, default=1500)
     args = parser.parse_args()
 
-    from graftlm.demo import offline_text
+    from graftlm.offline import offline_text
     from graftlm.evaluation import causal_perplexity
 
     text = offline_text()

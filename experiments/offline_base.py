@@ -120,11 +120,13 @@ def plot(history, path):
 def build(folder, settings, tokens, manifest):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from graftlm.offline import train_language_model
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(settings["seed"])
     config = GPT2Config(n_layer=settings["n_layer"], n_embd=settings["n_embd"], n_head=settings["n_head"],
                         n_positions=settings["n_positions"])
-    model = GPT2LMHeadModel(config).to(device).train()
+    model = GPT2LMHeadModel(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=0.01)
     warmup = max(1, settings["steps"] // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
@@ -132,21 +134,18 @@ def build(folder, settings, tokens, manifest):
     generator = torch.Generator().manual_seed(settings["seed"])
     history = {"train": [], "held_out": []}
     every = max(1, settings["steps"] // 10)
-    start = time.perf_counter()
-    progress = tqdm(range(1, settings["steps"] + 1), desc="training the offline base")
-    for step in progress:
-        batch = windows(tokens["train"], settings["seq_len"], settings["batch_size"], generator).to(device)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        history["train"].append({"step": step, "loss": loss.item()})
+
+    def record(step, loss):
+        history["train"].append({"step": step, "loss": loss})
         if step % every == 0 or step == settings["steps"]:
             history["held_out"].append({"step": step, "loss": held_out_loss(model, tokens["held_out"],
                                                                              settings["seq_len"], device)})
-            progress.set_postfix(held_out=f"{history['held_out'][-1]['loss']:.3f}")
+        return f"held_out={history['held_out'][-1]['loss']:.3f}" if history["held_out"] else None
+
+    start = time.perf_counter()
+    train_language_model(model, optimizer, schedule, settings["steps"], lambda: windows(
+        tokens["train"], settings["seq_len"], settings["batch_size"], generator).to(device),
+        "training the offline base", record)
     seconds = time.perf_counter() - start
     # Written into a temporary folder beside the cache entry, renamed into place once complete.
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +165,7 @@ def build(folder, settings, tokens, manifest):
 
 def base_checkpoint(**overrides):
     """The cached offline base for these settings (DEFAULTS updated by `overrides`), built first when missing."""
-    from graftlm.demo import offline_gpt2_tokenizer
+    from graftlm.offline import offline_gpt2_tokenizer
 
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:

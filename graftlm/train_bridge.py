@@ -19,7 +19,7 @@ import torch
 from .export import add_hub_arguments
 from .inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from .modeling.pipeline_bridge import ENCODER_TOKENIZER_SUBFOLDER
-from .training import add_trainer_options, check_launch, export_trained, loss_history, trainer_arguments
+from .training import add_trainer_options, check_launch, export_trained, loss_history, trainer_arguments, whole_model
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,9 @@ def main(args):
             eval_loss = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50.0)))
         tokenizers = {"": target_tokenizer, ENCODER_TOKENIZER_SUBFOLDER: source_tokenizer}
-        export_trained(trainer, model, args, tokenizers, metrics)
+        trained = whole_model(trainer, model)
+        if trained is not None:
+            export_trained(trainer, trained, args, tokenizers, metrics)
     return metrics
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .inputs import POSITIVE, bounded, read_text
 from .training import (add_text_training_arguments, check_launch, export_trained, loss_history, make_optimizer,
-                       split_blocks, trainer_arguments)
+                       split_blocks, trainer_arguments, whole_model)
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,13 @@ def main(args):
         if len(eval_set):
             eval_loss = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
-        gates = torch.stack([block.attn.retrieval_gate().detach() for block in model.transformer.h])
-        metrics["mean_abs_retrieval_gate"] = gates.abs().mean().item()
-        for param in model.parameters():
-            param.requires_grad_(True)
-        export_trained(trainer, model, args, {"": tokenizer}, metrics, "healing_metrics.json")
+        trained = whole_model(trainer, model)
+        if trained is not None:
+            gates = torch.stack([block.attn.retrieval_gate().detach() for block in trained.transformer.h])
+            metrics["mean_abs_retrieval_gate"] = gates.abs().mean().item()
+            for param in trained.parameters():
+                param.requires_grad_(True)
+            export_trained(trainer, trained, args, {"": tokenizer}, metrics, "healing_metrics.json")
     return metrics
 
 

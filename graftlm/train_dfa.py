@@ -16,7 +16,7 @@ import torch
 
 from . import inputs
 from .training import (add_text_training_arguments, check_launch, export_trained, loss_history, make_optimizer,
-                       split_blocks, trainer_arguments)
+                       split_blocks, trainer_arguments, whole_model)
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +80,14 @@ def main(args):
         check_launch(trainer.accelerator)
         result = trainer.train()
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seq_len": args.seq_len,
-                   "entropy_weight": model.transformer.entropy_balance().item(),
-                   "active_dim_fraction": model.transformer.active_dim_fraction().item(),
                    "loss_history": loss_history(trainer)}
         if len(eval_set):
             metrics["eval_loss"] = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]  # with the regulariser
-        export_trained(trainer, model, args, {"": tokenizer}, metrics)
+        trained = whole_model(trainer, model)
+        if trained is not None:
+            metrics.update(entropy_weight=trained.transformer.entropy_balance().item(),
+                           active_dim_fraction=trained.transformer.active_dim_fraction().item())
+            export_trained(trainer, trained, args, {"": tokenizer}, metrics)
     return metrics
 
 

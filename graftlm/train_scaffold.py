@@ -327,6 +327,21 @@ def load_checkpoint(folder):
         raise ValueError(f"checkpoint {folder} is damaged or incomplete ({type(err).__name__}: {err}); {offer}") from None
 
 
+def check_parameters_whole(accelerator):
+    """This loop keeps its best epoch, reads the fuser gates and exports from the model's own parameters, so it needs
+    each process to hold them whole: refuse FSDP and DeepSpeed ZeRO-3, which shard them (ZeRO-2 and data parallel
+    keep them whole)."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero3 = accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+    if accelerator.distributed_type == DistributedType.FSDP or zero3:
+        raise RuntimeError(f"`graftlm train scaffold` cannot run under {'FSDP' if not zero3 else 'DeepSpeed ZeRO-3'}: "
+                           "its loop reads and exports the model's own parameters, which that shards across processes. "
+                           "Launch it with --multi_gpu (data parallel) or DeepSpeed ZeRO-2; the base is frozen, so "
+                           "only the scaffold's LoRA and fusers have gradients and optimizer state")
+
+
 def train(model, tokenizer, train_pairs, valid_pairs, options):
     """Train `model` (a ScaffoldForCausalLM; LoRA is attached if it has none) in place; return a TrainingResult.
 
@@ -348,6 +363,7 @@ def train(model, tokenizer, train_pairs, valid_pairs, options):
         cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun / accelerate launch) then join over gloo
     )
     check_launch(accelerator)
+    check_parameters_whole(accelerator)
     set_seed(options.seed)
     if not model.has_lora():
         model.add_lora()

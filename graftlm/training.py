@@ -132,6 +132,26 @@ def check_launch(accelerator):
         )
 
 
+def whole_model(trainer, model):
+    """The trained `model` with every parameter whole, on the main process; None on the others.
+
+    Under FSDP or DeepSpeed the module a Trainer trained holds only this process's shard of each parameter (under
+    ZeRO-3, none), so exporting it or reading its scalars would be wrong. There its full state is gathered from every
+    process, as Trainer.save_model gathers it (accelerator.get_state_dict: a collective call, so every process makes
+    it), into a fresh copy of the model. Otherwise the model itself."""
+    from accelerate.utils import DistributedType
+
+    accelerator = trainer.accelerator
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return model if trainer.is_world_process_zero() else None
+    state = accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return None
+    whole = type(model)(model.config)
+    whole.load_state_dict(state)  # strict: a partial gather is an error, never a half-random export
+    return whole.to(next(iter(state.values())).dtype)
+
+
 def loss_history(trainer):
     """[{"step", "loss"}] of every logged training step (averaged over the logging interval and all processes)."""
     return [{"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry]

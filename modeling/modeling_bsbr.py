@@ -13,18 +13,21 @@ positive, and smooth with a non-zero gradient everywhere. With compression_facto
 a learned head_dim -> head_dim / c projection before phi.
 
 Chunks are counted over each row's real tokens (attention_mask == 1), so a left-padded row is chunked exactly like
-the same row without padding. No n x n tensor is built: the local term is a (batch, heads * n_chunks, B, B) SDPA,
-the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
+the same row without padding; a row packing several sequences (position_ids that do not continue by one, without a
+mask or a cache: transformers' padding-free layout) gives each sequence chunks of its own and retrieval from its own
+chunks only, so each gets what it would get alone (TokenLayout). No n x n tensor is built: the local term is a
+(batch, heads * n_chunks, B, B) SDPA, the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
 
 transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
 initialization, modeling_layers.GradientCheckpointingLayer, modeling_outputs.{BaseModelOutputWithPast,
 CausalLMOutputWithPast},
 modeling_utils.{ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep},
-models.gpt2.modeling_gpt2.GPT2MLP, pytorch_utils.Conv1D, and cache_utils (bsbr_cache.py). The cache's name differs
-between releases: hf_compat.CACHE_NAME.
+models.gpt2.modeling_gpt2.GPT2MLP, pytorch_utils.Conv1D, utils.output_capturing.{OutputRecorder, capture_outputs},
+and cache_utils (bsbr_cache.py). The cache's name differs between releases: hf_compat.CACHE_NAME.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +39,64 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration.configuration_bsbr import LAYER_TYPE, BSBRConfig
 from .bsbr_cache import BSBRCache, prefill_state
 from .gpt2_heads import QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
 from .gpt2_inputs import checked_position_ids
 from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
+
+
+class TokenLayout(NamedTuple):
+    """Where the tokens of a forward sit in the chunked computation: each row's layout holds its real tokens first
+    (left padding moved to the end), or, for packed rows, each sequence from the start of a chunk of its own. Blocks
+    read their input through compact() and return it in input order through restore(); layer norms and MLPs act per
+    token, so only the chunking sees the layout. Decoding with a filled cache keeps the input order (place None)."""
+
+    slots: torch.Tensor  # (b, L) long: the input position of each layout slot (0 for a slot holding no token)
+    valid: torch.Tensor  # (b, L) bool: the slot holds a real token
+    holds: torch.Tensor  # (b, L) bool: the slot holds an input token (real or padding)
+    place: torch.Tensor | None  # (b, n) long: the layout slot of each input token; None: the input order
+    segments: torch.Tensor | None  # (b, L) long: the packed sequence of each slot; None: one sequence per row
+
+    @classmethod
+    def decoding(cls, real, past_length):
+        """New tokens after a filled cache, in input order; real (b, T) bool."""
+        slots = (past_length + torch.arange(real.shape[1], device=real.device)).expand(real.shape)
+        return cls(slots, real, torch.ones_like(real), None, None)
+
+    @classmethod
+    def compacted(cls, real):
+        """Each row's real tokens first, in order (real (b, n) bool). The same ops whatever the data (no branch on
+        it), so torch.compile and torch.export trace it."""
+        slots = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+        return cls(slots, real.gather(1, slots), torch.ones_like(real), slots.argsort(1), None)
+
+    @classmethod
+    def packed(cls, position_ids, chunk):
+        """Rows packing sequences: a sequence starts wherever position_ids do not continue by one (as transformers'
+        masking_utils.find_packed_sequence_indices reads them), and each starts a chunk, the slots after its last
+        token left empty. The layout's length depends on the data: one host synchronisation."""
+        b, n = position_ids.shape
+        index = torch.arange(n, device=position_ids.device).expand(b, n)
+        starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+        first = torch.where(starts, index, 0).cummax(-1).values  # each token's sequence start
+        ends = F.pad(starts[:, 1:], (0, 1), value=True)  # each sequence's last token
+        empty = torch.where(ends, (first - index - 1) % chunk, 0)  # slots left empty after it
+        place = index + empty.cumsum(-1) - empty
+        length = int((n + empty.sum(-1)).max())
+        slots = index.new_zeros(b, length).scatter_(1, place, index)
+        holds = torch.zeros(b, length, dtype=torch.bool, device=index.device).scatter_(1, place, True)
+        return cls(slots, holds, holds, place, starts.cumsum(-1).gather(1, slots))
+
+    def compact(self, x):
+        """(b, n, ...) in input order -> (b, L, ...) in the layout."""
+        return x if self.place is None else x.gather(1, self.slots[..., None].expand(*self.slots.shape, x.shape[-1]))
+
+    def restore(self, x):
+        """(b, L, ...) in the layout -> (b, n, ...) in input order."""
+        return x if self.place is None else x.gather(1, self.place[..., None].expand(*self.place.shape, x.shape[-1]))
 
 
 def feature_map(x, name):
@@ -148,11 +203,12 @@ class BSBRAttention(nn.Module):
         scores = (q @ k.transpose(-1, -2)) * self.scaling
         return scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
 
-    def forward(self, hidden_states, valid, slots, layer_state=None, output_attentions=False):
-        """hidden_states (b, T, n_embd). Without a filled cache, rows are compacted (real tokens first) and `valid`
-        (b, T) marks them; with one, `valid` marks which new tokens are real and tokens are decoded one by one.
-        slots (b, T): each token's position among all input slots (cached ones included), where output_attentions
-        places the local weights: (out, weights (b, heads, T, slots so far) or None)."""
+    def forward(self, hidden_states, layout, layer_state=None, output_attentions=False):
+        """hidden_states (b, T, n_embd) in the TokenLayout `layout`: without a filled cache, the chunked layout; with
+        one, the new tokens in input order, decoded one by one. layout.slots (b, T): each token's position among all
+        input slots (cached ones included), where output_attentions places the local weights: (out, weights
+        (b, heads, input tokens, slots so far) or None)."""
+        valid, slots = layout.valid, layout.slots
         q, k, v = (self._heads(t) for t in self.c_attn(hidden_states).split(self.config.n_embd, dim=2))
         if layer_state is not None and layer_state.initialized:
             static = layer_state.is_compileable  # a static layer: weights span its slots, as GPT-2's do
@@ -165,27 +221,33 @@ class BSBRAttention(nn.Module):
             out = torch.stack([o for o, _ in steps], dim=2)  # (b, h, T, d)
             weights = torch.stack([w for _, w in steps], dim=2) if output_attentions else None
         else:
-            out, weights = self._chunked(hidden_states, q, k, v, valid, slots, layer_state, output_attentions)
+            out, weights = self._chunked(hidden_states, q, k, v, layout, layer_state, output_attentions)
         if layer_state is not None:
             layer_state.seen += hidden_states.shape[1]
         out = self.c_proj(out.transpose(1, 2).contiguous().view(hidden_states.shape))  # Conv1D views its input
         return self.resid_dropout(out), weights
 
-    def _chunked(self, x, q, k, v, valid, slots, layer_state, output_attentions):
-        """All chunks at once. Rows hold their real tokens first (valid is a prefix of each row)."""
+    def _chunked(self, x, q, k, v, layout, layer_state, output_attentions):
+        """All chunks at once, in the chunked layout: each row's real tokens first (valid is a prefix of each row) or,
+        packed, each sequence from a chunk's start."""
         b, h, n, d = q.shape
         chunk = self.chunk
         n_chunks = -(-n // chunk) + (1 if layer_state is not None and n % chunk == 0 else 0)  # room for the open chunk
         pad = n_chunks * chunk - n
+        valid, slots, holds, segments = layout.valid, layout.slots, layout.holds, layout.segments
         if pad:
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            x, valid, slots = F.pad(x, (0, 0, 0, pad)), F.pad(valid, (0, pad)), F.pad(slots, (0, pad))
+            x, valid, slots, holds = (F.pad(x, (0, 0, 0, pad)), F.pad(valid, (0, pad)), F.pad(slots, (0, pad)),
+                                      F.pad(holds, (0, pad)))
+            segments = None if segments is None else F.pad(segments, (0, pad), value=-1)
+        n_tokens = layout.place.shape[1]  # input tokens
 
         # Local term: causal softmax attention inside each chunk, chunks folded into the head axis.
         fold = (b, h * n_chunks, chunk, d)
         weights = None
         if output_attentions:  # explicit math, reading real queries' weights back from the returned tensor (_placed)
-            weights, chunk_weights = self._placed(self._weights(q.reshape(fold), k.reshape(fold)), valid, slots, n)
+            weights, chunk_weights = self._placed(self._weights(q.reshape(fold), k.reshape(fold)), valid, slots,
+                                                  holds, n_tokens)
             local = self.attn_dropout(chunk_weights) @ v.reshape(fold)
         else:
             local, _ = self._attend(q.reshape(fold), k.reshape(fold), v.reshape(fold))
@@ -202,7 +264,13 @@ class BSBRAttention(nn.Module):
         meta_r, meta_h = self._meta(x_sums / counts, x.dtype)  # (b, h, C, d): R from chunk a serves chunk a + 1
         scores = meta_r @ meta_h.transpose(-1, -2) / math.sqrt(d)  # (b, h, C, C): row a scores chunks j <= a
         future = torch.ones(n_chunks, n_chunks, dtype=torch.bool, device=q.device).triu(1)
-        probs = scores.masked_fill(future, torch.finfo(scores.dtype).min).softmax(-1)  # row a = P_{a+1}
+        if segments is None:
+            probs = scores.masked_fill(future, torch.finfo(scores.dtype).min).softmax(-1)  # row a = P_{a+1}
+        else:  # packed: chunk a + 1 reads the earlier chunks of its own sequence only (a sequence's first, none)
+            seg = segments.view(b, n_chunks, chunk)[..., 0]  # each chunk's sequence (a chunk never spans two)
+            readable = ~future & (seg[:, None, :] == F.pad(seg[:, 1:], (0, 1), value=-1)[:, :, None])
+            readable = readable[:, None]  # (b, 1, C, C)
+            probs = scores.masked_fill(~readable, torch.finfo(scores.dtype).min).softmax(-1) * readable
         s_next = (probs @ states.flatten(-2)).view_as(states)  # S_{a+1}
         u_next = probs @ norms
         s_all = F.pad(s_next, (0, 0, 0, 0, 1, 0))[:, :, :n_chunks]  # S_i: chunk 0 reads nothing
@@ -229,23 +297,25 @@ class BSBRAttention(nn.Module):
         return out, weights
 
     @staticmethod
-    def _placed(weights, valid, slots, n):
-        """Chunk-local weights (b, h * C, B, B) of compacted tokens -> (placed, used): placed (b, h, n, n) in input
+    def _placed(weights, valid, slots, holds, n):
+        """Chunk-local weights (b, h * C, B, B) of the layout's slots -> (placed, used): placed (b, h, n, n) in input
         order, zero outside each query's chunk, and the chunk-local weights to compute with, in which every real
         query's row is read back from `placed` (the same values), so that the returned weights are part of the
-        output's graph as GPT-2's are (a gradient reaches them: retain_grad). slots (b, C * B): each compacted token's
-        input position (padding past n: its rows are dropped); valid (b, C * B): which compacted tokens are real."""
+        output's graph as GPT-2's are (a gradient reaches them: retain_grad). slots (b, C * B): each slot's input
+        position; holds (b, C * B): which slots hold an input token (the rows of the others are dropped); valid
+        (b, C * B): which hold a real token."""
         b, folded, chunk, _ = weights.shape
         n_chunks = slots.shape[1] // chunk
         h = folded // n_chunks
         weights = weights.view(b, h, n_chunks, chunk, chunk)
         keys = slots.view(b, 1, n_chunks, 1, chunk).expand_as(weights)
         by_key = weights.new_zeros(b, h, n_chunks, chunk, n).scatter_add_(4, keys, weights).flatten(2, 3)
-        by_key = by_key * (torch.arange(n_chunks * chunk, device=slots.device) < n)[:, None]  # drop padding rows
+        by_key = by_key * holds[:, None, :, None]  # drop the rows of slots holding no token
         queries = slots[:, None, :, None].expand_as(by_key)
         placed = weights.new_zeros(b, h, n, n).scatter_add_(2, queries, by_key)
         rows = placed.gather(2, slots.clamp_max(n - 1)[:, None, :, None].expand(b, h, n_chunks * chunk, n))
         back = rows.gather(3, keys.reshape(b, h, n_chunks * chunk, chunk))
+        back = back * holds.view(b, 1, n_chunks, 1, chunk).expand_as(weights).reshape(back.shape)  # empty keys: 0
         used = torch.where(valid[:, None, :, None], back, weights.flatten(2, 3))
         return placed, used.view(b, folded, chunk, chunk)
 
@@ -362,10 +432,13 @@ class BSBRBlock(GradientCheckpointingLayer):
         for projection in (self.attn.c_proj, self.mlp.c_proj):
             projection.residual_projection = True  # scaled init (_init_weights)
 
-    def forward(self, hidden_states, valid, slots, layer_state=None, output_attentions=False, **kwargs):
-        attn_out, weights = self.attn(self.ln_1(hidden_states), valid, slots, layer_state, output_attentions)
+    def forward(self, hidden_states, layout, layer_state=None, output_attentions=False, **kwargs):
+        """hidden_states (b, n, n_embd) in input order, computed in the TokenLayout `layout` and returned in input
+        order (what capture_outputs records)."""
+        hidden_states = layout.compact(hidden_states)
+        attn_out, weights = self.attn(self.ln_1(hidden_states), layout, layer_state, output_attentions)
         hidden_states = hidden_states + attn_out
-        return hidden_states + self.mlp(self.ln_2(hidden_states)), weights
+        return layout.restore(hidden_states + self.mlp(self.ln_2(hidden_states))), weights
 
 
 class BSBRPreTrainedModel(PreTrainedModel):
@@ -375,10 +448,17 @@ class BSBRPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BSBRBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # The local term runs through ALL_ATTENTION_FUNCTIONS (eager, sdpa, or a registered function taking a boolean
+    # mask); packed rows (position_ids restarting, no mask, no cache) are split into their sequences (TokenLayout).
     _supports_sdpa = True
+    _supports_attention_backend = True
     # StaticCache holds BSBRStaticLayer layers (bsbr_cache.py), whose decode step compiles to one graph; chunks are
-    # counted over a 2-D attention_mask, so no custom 4-D masks or packed batches (model card).
+    # counted over a 2-D attention_mask, so no custom 4-D masks (model card).
     _can_compile_fullgraph = True
+    # What capture_outputs records in BSBRModel.forward: each block's output, in input order (the first hidden state
+    # is the first block's input; the last is replaced by ln_f's output), and each attention's local weights
+    # (BSBRAttention returns (output, weights)).
+    _can_record_outputs = {"hidden_states": BSBRBlock, "attentions": OutputRecorder(BSBRAttention, index=1)}
     # Small modules read as raw weights by the float32 retrieval path: float32 under fp16 and bf16 (and no quantizer
     # converts them: neither is an nn.Linear). compress_proj exists only with compression_factor > 1 (__init__).
     _keep_in_fp32_modules_strict = ["retrieval_gate"]
@@ -425,6 +505,7 @@ class BSBRModel(BSBRPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
+    @capture_outputs
     def forward(
         self,
         input_ids=None,
@@ -434,17 +515,18 @@ class BSBRModel(BSBRPreTrainedModel):
         inputs_embeds=None,
         use_cache=None,
         output_attentions=None,
-        output_hidden_states=None,
+        output_hidden_states=None,  # read by capture_outputs
         cache=None,
-        return_dict=None,
         **kwargs,
     ):
-        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before). Output flags left None
-        come from the config; return_dict=False returns a tuple."""
+        """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before).
+
+        hidden_states and attentions are recorded by transformers' capture_outputs, as for stock GPT-2: from the call's
+        output_hidden_states (True, or the indices of the states to keep) and output_attentions, else from the
+        config; it also turns the output into a tuple under return_dict=False. output_attentions is read here too:
+        the local weights are computed only when asked for."""
         cache = pick_cache(cache, past_key_values)
-        output_attentions, output_hidden_states, return_dict = output_flags(
-            self.config, output_attentions, output_hidden_states, return_dict
-        )
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if cache is not None and (len(cache.layers) != self.config.n_layer
@@ -462,6 +544,7 @@ class BSBRModel(BSBRPreTrainedModel):
             cache = BSBRCache(self.config)
         if not use_cache:
             cache = None
+        packed = position_ids is not None and attention_mask is None and cache is None  # possibly packed rows
         # By layer type, not class: every export registers its own copy of the layer classes with transformers (the
         # last one imported builds the caches), and they are interchangeable.
         static = cache is not None and cache.layers[0].is_compileable  # BSBRStaticLayer
@@ -477,37 +560,22 @@ class BSBRModel(BSBRPreTrainedModel):
             real = self._real_tokens(attention_mask, batch, seq, past_length, inputs_embeds.device)
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
 
-        # Without a filled cache, move each row's real tokens to the front (layer norms and MLPs act per token, so
-        # this commutes with everything but the chunking), which makes every row's chunks start at its first real token.
-        # (Always, not only when padding is present: no branch on the data, so torch.compile and torch.export trace it.)
-        slots = (past_length + torch.arange(seq, device=real.device)).expand(batch, seq)
-        compact = restore = lambda t: t  # noqa: E731
-        if not prefilled:
-            slots = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # input position of each compacted token
-            compact = lambda t: t.gather(1, slots[..., None].expand_as(t))  # noqa: E731
-            restore = lambda t: t.scatter(1, slots[..., None].expand_as(t), t)  # noqa: E731
-            real = real.gather(1, slots)
-        hidden_states = compact(hidden_states)
+        # Where each token sits in the chunked computation (TokenLayout): without a filled cache, each row's real
+        # tokens first, so that its chunks start at its first real token (always, not only when padding is present:
+        # no branch on the data, so torch.compile and torch.export trace it), or, for packed rows (position_ids
+        # without a mask or a cache, as create_causal_mask detects them for stock GPT-2), each sequence on chunks of
+        # its own.
+        if prefilled:
+            layout = TokenLayout.decoding(real, past_length)
+        elif packed:
+            layout = TokenLayout.packed(position_ids.expand(batch, seq), self.config.chunk_size)
+        else:
+            layout = TokenLayout.compacted(real)
 
-        all_hidden, all_attn = [], []
         for i, block in enumerate(self.h):
-            if output_hidden_states:  # the returned tensor (input order) is the one the next layer reads (retain_grad)
-                hidden_states = restore(hidden_states)
-                all_hidden.append(hidden_states)
-                hidden_states = compact(hidden_states)
             layer_state = cache.layers[i] if cache is not None else None
-            hidden_states, weights = block(hidden_states, real, slots, layer_state, output_attentions)
-            all_attn.append(weights)
-        hidden_states = restore(self.ln_f(hidden_states))
-        if output_hidden_states:
-            all_hidden.append(hidden_states)
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attn) if output_attentions else None,
-            **cache_kwargs(cache),
-        )
-        return returned(output, return_dict)
+            hidden_states, _ = block(hidden_states, layout, layer_state, output_attentions)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), **cache_kwargs(cache))
 
     def _static_inputs(self, layer, inputs_embeds, attention_mask, position_ids):
         """(position_ids, real (b, seq) bool) of new tokens going into a static cache, from a 2-D attention_mask that

@@ -32,7 +32,7 @@ def world(tmp_path_factory, tiny_gpt2_dir):
     """Tiny exports of DFA, Bridged (from a tiny BERT) and Scaffolded, a stock GPT-2 and BERT, a text, pairs."""
     from transformers import BertConfig, BertModel
 
-    from graftlm.demo import offline_text
+    from graftlm.offline import offline_text
 
     root = tmp_path_factory.mktemp("bad_input")
     bert = root / "bert"

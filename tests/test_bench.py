@@ -15,8 +15,9 @@ import torch
 from testing_utils import one_torch_thread, tiny_gpt2_config
 from transformers import GPT2LMHeadModel
 
-from graftlm.bench import (ARCHS, CONVERSION_TARGET_S, DECODE_TARGETS, PRUNED_DECODE_TARGET, SIZES, TRAIN_TIME_TARGETS,
-                           bench_decoding, bench_training)
+from graftlm.bench.measure import (ARCHS, CONVERSION_TARGET_S, DECODE_TARGETS, PRUNED_DECODE_TARGET, SIZES,
+                                   TRAIN_TIME_TARGETS)
+from graftlm.bench.suite import bench_decoding, bench_training
 from graftlm.cli import main
 
 PROMPTS, BATCHES, NEW_TOKENS = [16, 32], [1, 2], 4  # what --quick sets

@@ -171,6 +171,35 @@ def test_padding_changes_nothing_for_real_tokens(base4):
             assert (repadded[row, first:] - alone).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_packed_sequences_each_get_what_they_get_alone(base4, attn_implementation):
+    """Rows packing sequences, position_ids restarting at 0 (DataCollatorWithFlattening's layout), without a cache:
+    each sequence is chunked from its own start and retrieves from its own chunks only, so its logits, hidden states
+    (capture_outputs, in input order) and local attention weights are those of the sequence alone; no weight crosses
+    a sequence boundary. Lengths 5, 13 and 16 end inside a chunk and on its boundary."""
+    model = trained(base4, compression_factor=2)
+    model.set_attn_implementation(attn_implementation)
+    lengths = (5, 13, 16)
+    ids, _, _ = padded_batch(sum(lengths), pads=(0, 0))  # two packed rows, the second its own sequences reversed
+    positions = torch.stack([torch.cat([torch.arange(n) for n in order]) for order in (lengths, lengths[::-1])])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False, output_hidden_states=True,
+                       output_attentions=attn_implementation == "eager")
+        for row, order in enumerate((lengths, lengths[::-1])):
+            start = 0
+            for n in order:
+                span = slice(start, start + n)
+                alone = model(input_ids=ids[row : row + 1, span], use_cache=False, output_hidden_states=True,
+                              output_attentions=attn_implementation == "eager")
+                torch.testing.assert_close(packed.logits[row, span], alone.logits[0], rtol=0, atol=1e-5)
+                for got, want in zip(packed.hidden_states, alone.hidden_states, strict=True):
+                    torch.testing.assert_close(got[row, span], want[0], rtol=0, atol=1e-5)
+                for got, want in zip(packed.attentions or (), alone.attentions or (), strict=True):
+                    torch.testing.assert_close(got[row, :, span, span], want[0], rtol=0, atol=1e-6)
+                    assert got[row, :, span].sum(-1).sub(1).abs().max() < 1e-5  # nothing outside the sequence
+                start += n
+
+
 def test_generate_cached_equals_uncached_and_each_row_alone(base4):
     model = trained(base4)
     ids, mask, _ = padded_batch(CHUNK + 4, pads=(0, 5))
@@ -354,7 +383,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base4):
 
 def test_cli_convert_then_train_heals_and_exports(base4, tmp_path):
     text = tmp_path / "text.txt"
-    from graftlm.demo import offline_text
+    from graftlm.offline import offline_text
 
     text.write_text(offline_text()[:40000], encoding="utf-8")
     converted, healed = tmp_path / "converted", tmp_path / "healed"

