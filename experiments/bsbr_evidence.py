@@ -21,7 +21,9 @@ document's losses averaged over the seeds first). The not-fine-tuned base is sco
 (the chunk seen d chunks earlier, d - 1 random chunks between); the loss is on the copy only. Tiny models trained
 from scratch at each distance d: BSBR, full attention (stock GPT-2), BSBR with retrieval off; token accuracy on the
 copy of fixed held-out sequences every `--recall-eval-every` steps (the learning curves; a run stops once two
-evaluations in a row reach `--recall-stop-at`, and counts at that accuracy), mean and 95% t-interval over seeds. Retrieval off cannot see the source chunk: its accuracy is chance, 1 / (vocabulary - 1), by construction.
+evaluations in a row reach `--recall-stop-at`, and counts at that accuracy), mean and 95% t-interval over seeds. Retrieval off cannot see the source chunk from the copy: its accuracy is chance, 1 / (vocabulary - 1), except at
+d = 1, where the copy's first token is predicted at the source chunk's last position, inside the source chunk:
+there any model can get 1 of the B tokens, so retrieval off's ceiling is 1/B + (1 - 1/B) * chance.
 
 Writes bsbr_evidence_<part>.json (with the command line and seeds) and bsbr_evidence_<part>.png, prints the tables.
 
