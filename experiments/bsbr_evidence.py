@@ -253,18 +253,20 @@ def plot_lm(results, path):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     centres = [(a + b - 1) / 2 for a, b in results["buckets"]]
+    full = results["pooled"]["loss"]["full"]  # differences to full attention: the text's own difficulty cancels
     for name, values in results["pooled"]["loss"].items():
-        left.plot(centres, values, marker="o", label=name)
+        left.plot(centres, [v - f for v, f in zip(values, full)], marker="o", label=name)
     left.set_xscale("log", base=2)
     left.set_xlabel("position in the window (bucket centre)")
-    left.set_ylabel("held-out loss (nats), pooled over seeds")
+    left.set_ylabel("held-out loss - full attention's (nats), pooled")
     left.set_title(f"chunk {results['chunk_size']}, {results['steps']} steps from the same base")
     left.grid(alpha=0.3)
     left.legend()
-    for name, values in results["loss_by_offset_in_chunk_after_the_first"].items():
-        right.plot(range(len(values)), values, marker=".", label=name)
+    by_offset = results["loss_by_offset_in_chunk_after_the_first"]
+    for name, values in by_offset.items():
+        right.plot(range(len(values)), [v - f for v, f in zip(values, by_offset["full"])], marker=".", label=name)
     right.set_xlabel("offset inside the chunk (positions after the first chunk)")
-    right.set_ylabel("held-out loss (nats)")
+    right.set_ylabel("held-out loss - full attention's (nats)")
     right.set_title("where in a chunk the loss is")
     right.grid(alpha=0.3)
     right.legend()
