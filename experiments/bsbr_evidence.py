@@ -28,9 +28,10 @@ there any model can get 1 of the B tokens, so retrieval off's ceiling is 1/B + (
 Writes bsbr_evidence_<part>.json (with the command line and seeds) and bsbr_evidence_<part>.png, prints the tables.
 
     python experiments/bsbr_evidence.py                       # defaults: the default base (GPU), 1024-token windows
+    # the README's runs (CPU, about 50 min each on a shared 2-core machine, run side by side):
     python experiments/bsbr_evidence.py --parts lm --base n_layer=2 n_embd=64 n_head=2 steps=300 seq_len=64 \\
-        --chunk-size 16 --seq-len 256 --steps 150                                 # a small base on the CPU
-    python experiments/bsbr_evidence.py --parts recall --recall-steps 600         # the recall probe alone
+        --chunk-size 8 --seq-len 64 --steps 60 --train-chars 400000 --eval-docs 32 --doc-tokens 512 --threads 1
+    python experiments/bsbr_evidence.py --parts recall --recall-steps 400 --threads 1
 """
 
 import argparse
