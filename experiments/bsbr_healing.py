@@ -9,6 +9,8 @@ Everything ships offline:
    gain over "converted" is not mistaken for plain extra training.
 Perplexity (`graftlm eval`'s strided evaluation, windows of L tokens, stride L) is measured on held-out text none of
 the models trained on: the docstrings of standard-library modules. Writes bsbr_healing.json and bsbr_healing.png.
+Superseded as evidence by experiments/bsbr_evidence.py (several seeds, the offline base, retrieval-off and
+sliding-window controls, paired bootstrap intervals); kept for the README's earlier table.
 
     python experiments/bsbr_healing.py                # about 10-15 CPU minutes on 2 cores
     python experiments/bsbr_healing.py --stock-steps 100 --heal-steps 40 --lengths 16 32 64
