@@ -31,11 +31,15 @@ class TaskHead:
     base_model_class = None  # the architecture's base model (e.g. DFAModel), built as `transformer`
     encode_kwargs = {}  # extra base-model arguments of the architecture (e.g. DFA: no regulariser terms)
     passed_kwargs = ()  # the base model's own forward arguments a caller may give a head (e.g. scaffold_weight)
+    frozen_parameters = ()  # name prefixes of base-model parameters a head never computes: frozen when built
 
     def __init__(self, config):
         super().__init__(config)
         if self.base_model_class is not None:
             self.transformer = self.base_model_class(config)
+        for name, param in self.named_parameters():
+            if name.startswith(self.frozen_parameters):
+                param.requires_grad_(False)
 
     def _encode(self, input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
                 output_hidden_states, cache=None, use_cache=None, **kwargs):

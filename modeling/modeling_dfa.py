@@ -548,20 +548,25 @@ def _prune_attention(attn, threshold, keep_heads=None):
     return list(attn.kept_heads), n_qk, n_v
 
 
-# GPT-2's task heads on DFAModel, trained by the task loss alone (no gate-entropy or mask regulariser terms).
-class DFAForSequenceClassification(SequenceClassificationHead, DFAPreTrainedModel):
+class DFATaskHead:
+    """GPT-2's task heads on DFAModel, trained by the task loss alone: no gate-entropy or mask regulariser terms, so
+    the entropy weight lambda takes no part and is frozen."""
+
     base_model_class = DFAModel
     encode_kwargs = {"output_regularizers": False}
+    frozen_parameters = ("transformer.entropy_balance.",)
 
 
-class DFAForTokenClassification(TokenClassificationHead, DFAPreTrainedModel):
-    base_model_class = DFAModel
-    encode_kwargs = {"output_regularizers": False}
+class DFAForSequenceClassification(DFATaskHead, SequenceClassificationHead, DFAPreTrainedModel):
+    pass
 
 
-class DFAForQuestionAnswering(QuestionAnsweringHead, DFAPreTrainedModel):
-    base_model_class = DFAModel
-    encode_kwargs = {"output_regularizers": False}
+class DFAForTokenClassification(DFATaskHead, TokenClassificationHead, DFAPreTrainedModel):
+    pass
+
+
+class DFAForQuestionAnswering(DFATaskHead, QuestionAnsweringHead, DFAPreTrainedModel):
+    pass
 
 
 __all__ = [

@@ -435,6 +435,10 @@ def test_task_heads_are_gpt2s_at_conversion(arch, head):
             torch.testing.assert_close(have, want)
     if head != "QuestionAnswering":  # a span loss is a softmax over every position, padding included
         torch.testing.assert_close(got.loss, expected.loss)
+    # the task loss reaches every parameter left trainable (what a head never computes, e.g. DFA's lambda, is frozen)
+    ours.train()(**kwargs).loss.backward()
+    idle = [n for n, p in ours.named_parameters() if p.requires_grad and p.grad is None]
+    assert idle == [] or (arch == "bsbr" and all("meta_" in n or "retrieval_gate" in n for n in idle)), idle
 
 
 # --- Scaffolded (issue 13): what its two GPT-2s and its fusers add to the contract ------------------------------------
