@@ -167,10 +167,10 @@ def train(model, task, args, seed):
 
 
 @torch.no_grad()
-def teacher_forced(model, task, rows, free_targets, generator, batch_size=64):
+def teacher_forced(model, task, rows, free_targets, generator, temperatures=(), batch_size=64):
     """Held-out pairs (each copy source once, each free source with `free_targets` random targets): per pair its
-    source index, the target logits, the 50 largest logits, full-vocabulary logsumexp of logits/T for every grid
-    temperature and for the source's own predicted temperature, and the predicted (T, k)."""
+    source index, the target logits, the max_top_k largest logits, full-vocabulary logsumexp of logits/T for each of
+    `temperatures` and for the source's own predicted temperature, and the predicted (T, k)."""
     rows = torch.cat([rows[task.is_copy[rows]], rows[~task.is_copy[rows]].repeat_interleave(free_targets)])
     labels = task.targets(rows, generator)
     k_max = model.config.max_top_k
@@ -183,23 +183,24 @@ def teacher_forced(model, task, rows, free_targets, generator, batch_size=64):
         parts.append({
             "source": chunk, "target": logits.gather(-1, chunk_labels[..., None]).squeeze(-1),
             "top": logits.topk(k_max, dim=-1).values,
-            "lse": torch.stack([(logits / t).logsumexp(-1) for t in TEMPERATURES]),  # (temps, B, L)
+            **{("lse", t): (logits / t).logsumexp(-1) for t in temperatures},
             "lse_own": (logits / own_t).logsumexp(-1),
             "temperature": enc.temperature, "top_k": enc.top_k.round().clamp(1, k_max),
         })
-    return {key: torch.cat([p[key] for p in parts], dim=1 if key == "lse" else 0) for key in parts[0]}
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
 def pair_nll(tf, temperature, top_k, lse):
     """Per pair (summed true NLL, targets outside the top-k, summed temperature-only NLL).
 
-    temperature: (P,) or a number; top_k: (P,) long, or None for no truncation; lse: (P, L) logsumexp of logits/T.
+    temperature: (P,) or a number; top_k: (P,) long, or None for no truncation; lse: (P, L) logsumexp of logits/T
+    over the whole vocabulary, or None (the temperature-only NLL is then not computed: nan).
     The top-k distribution is softmax(logits / T) over the tokens whose logit is >= the k-th largest (ties kept,
     as AdaptiveLogitsProcessor does): NLL = logsumexp(top_k logits / T) - target / T, infinite outside.
     """
     t = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)
     scaled_target = tf["target"] / t
-    temp_only = (lse - scaled_target).sum(-1)
+    temp_only = (lse - scaled_target).sum(-1) if lse is not None else torch.full(scaled_target.shape[:1], math.nan)
     if top_k is None:
         return temp_only, torch.zeros_like(temp_only), temp_only
     k = torch.as_tensor(top_k).long().reshape(-1, 1, 1).expand(*tf["target"].shape, 1)
@@ -214,9 +215,9 @@ def pair_nll(tf, temperature, top_k, lse):
 def fit(tf, pairs):
     """The grid (T, k) with the fewest targets outside the top-k over `pairs`, then the lowest true NLL."""
     best = None
-    for i, t in enumerate(TEMPERATURES):
+    for t in TEMPERATURES:
         for k in range(1, tf["top"].shape[-1] + 1):
-            nll, misses, _ = pair_nll({key: tf[key][pairs] for key in ("target", "top")}, t, k, tf["lse"][i][pairs])
+            nll, misses, _ = pair_nll({key: tf[key][pairs] for key in ("target", "top")}, t, k, None)
             key = (float(misses.sum()), float(nll[nll.isfinite()].sum()))
             if best is None or key < best[0]:
                 best = (key, t, k)
@@ -225,11 +226,10 @@ def fit(tf, pairs):
 
 def settings(tf, copy, fitted):
     """Per method: (temperature (P,), top_k (P,) or None, lse (P, L)) for the pairs of tf."""
-    index = {t: i for i, t in enumerate(TEMPERATURES)}
     n = copy.numel()
 
     def fixed(per_pair_t, per_pair_k):
-        lse = torch.stack([tf["lse"][index[t], p] for p, t in enumerate(per_pair_t)])
+        lse = torch.stack([tf["lse", t][p] for p, t in enumerate(per_pair_t)])
         return torch.tensor(per_pair_t), torch.tensor(per_pair_k), lse
 
     oracle = [fitted["oracle_copy"] if c else fitted["oracle_free"] for c in copy.tolist()]
@@ -238,28 +238,32 @@ def settings(tf, copy, fitted):
         "global": fixed([fitted["global"][0]] * n, [fitted["global"][1]] * n),
         "oracle": fixed([o[0] for o in oracle], [o[1] for o in oracle]),
         "greedy": fixed([1.0] * n, [1] * n),
-        "plain": (torch.ones(n), None, tf["lse"][index[1.0]]),
+        "plain": (torch.ones(n), None, tf["lse", 1.0]),
     }
 
 
 @torch.no_grad()
 def sample(model, task, rows, temperature, top_k, samples, generator):
-    """(len(rows) * samples, words + 1) tokens sampled with AdaptiveLogitsProcessor (the adaptive path of
-    generate()), each row with its own temperature and top-k (top_k None: the whole vocabulary)."""
+    """(len(rows), samples, words + 1) tokens sampled with AdaptiveLogitsProcessor (the adaptive path of
+    generate()), each row with its own temperature and top-k; top_k None: softmax(logits / T) over the whole
+    vocabulary. With a top-k the processor runs on each row's max_top_k largest logits, the only ones it can keep."""
     from graftlm.modeling.bridge_decoding import AdaptiveLogitsProcessor
 
     rows = rows.repeat_interleave(samples)
     enc = encode(model, task, rows)
-    vocab = model.config.decoder.vocab_size
     t = temperature.repeat_interleave(samples)
-    k = torch.full_like(t, vocab) if top_k is None else top_k.float().repeat_interleave(samples)
-    processor = AdaptiveLogitsProcessor(t, k)
+    processor = None if top_k is None else AdaptiveLogitsProcessor(t, top_k.float().repeat_interleave(samples))
     ids = torch.full((len(rows), 1), model.config.decoder_start_token_id)
     for _ in range(task.words + 1):
         logits = model(attention_mask=task.mask[rows], encoder_outputs=enc, decoder_input_ids=ids,
                        use_cache=False, logits_to_keep=1).logits[:, -1].float()
-        probs = processor(ids, logits).softmax(-1)
-        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        if processor is None:
+            step = torch.multinomial((logits / t[:, None]).softmax(-1), 1, generator=generator)
+        else:
+            values, candidates = logits.topk(model.config.max_top_k, dim=-1)
+            choice = torch.multinomial(processor(ids, values).softmax(-1), 1, generator=generator)
+            step = candidates.gather(-1, choice)
+        ids = torch.cat([ids, step], dim=1)
     return ids[:, 1:].reshape(-1, samples, task.words + 1)
 
 
@@ -432,10 +436,14 @@ def run(args):
         val_copy = task.is_copy[val["source"]]
         fitted = {"global": fit(val, torch.arange(len(val_copy))), "oracle_copy": fit(val, val_copy.nonzero()[:, 0]),
                   "oracle_free": fit(val, (~val_copy).nonzero()[:, 0])}
+        logger.info("seed %s: fitted on validation %s", seed, fitted)
         test_rows = task.rows["test"]
-        test = teacher_forced(model, task, test_rows, args.free_targets, generator)
+        chosen = {fitted["global"][0], fitted["oracle_copy"][0], fitted["oracle_free"][0], 1.0}
+        test = teacher_forced(model, task, test_rows, args.free_targets, generator, sorted(chosen))
         methods = settings(test, task.is_copy[test["source"]], fitted)
+        logger.info("seed %s: held-out pairs scored; sampling", seed)
         source_metrics = per_source(model, task, test, test_rows, methods, args.samples, generator)
+        logger.info("seed %s: sampled; bootstrapping", seed)
         sources.append(source_metrics)
         boot = torch.Generator().manual_seed(seed)
         per_seed[str(seed)] = {"training": training, "fitted": fitted,
