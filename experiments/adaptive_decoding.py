@@ -13,8 +13,9 @@ Model, per seed. `convert_bert_gpt2_to_bridge(MiniLM, offline base, bridge_type=
 all-MiniLM-L6-v2 and the offline base of experiments/offline_base.py); MiniLM stays frozen (its states are computed
 once); bridge, controls and decoder train with the model's own loss (CE + control_loss_weight * the controls'
 likelihood objective). Stopping rule, checked every `--eval-every` steps on validation: greedy copy exact match >=
-`--stop-copy-em` and mean probability of a valid token on free pairs >= `--stop-free-valid`, or `--max-steps`. A seed
-that hits the cap is reported as not learned and kept in every table.
+`--stop-copy-em` and mean probability of a valid token on free pairs >= `--stop-free-valid`, or `--max-steps`
+(`--min-steps` trains on past the rule, giving the controls more steps). A seed that hits the cap is reported as
+not learned and kept in every table.
 
 Decoding settings compared on held-out (test) sources:
 - adaptive: each source's predicted temperature and top-k (top-k rounded, as generate(adaptive_decoding=True) does);
@@ -159,10 +160,12 @@ def train(model, task, args, seed):
             history.append(check)
             logger.info("seed %s %s", seed, {k: round(v, 4) for k, v in check.items()})
             if check["copy_exact_match"] >= args.stop_copy_em and check["free_valid_mass"] >= args.stop_free_valid:
-                learned_at = step
+                learned_at = learned_at or step
+            if learned_at and step >= args.min_steps:
                 break
     model.eval()
-    return {"learned": learned_at is not None, "steps": history[-1]["step"], "history": history,
+    return {"learned": learned_at is not None, "learned_at": learned_at, "steps": history[-1]["step"],
+            "history": history,
             "training_seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -314,7 +317,7 @@ def summary(s, index):
         "temp_nll_free": per_token("temp_nll", free),
         "copy_exact_match": float(s["exact"][copy].mean()), "free_validity": float(s["valid"][free].mean()),
         "free_distinct": float(s["distinct"][free].mean()),
-        "free_colour_entropy": float(-(p * p.clamp_min(1e-12).log()).sum()),
+        "free_colour_entropy": float(-(p * p.clamp_min(1e-12).log()).sum()) + 0.0,  # + 0.0: no "-0.00"
         "temperature_copy": float(s["temperature"][copy].mean()), "temperature_free": float(s["temperature"][free].mean()),
         "top_k_copy": float(s["top_k"][copy].mean()), "top_k_free": float(s["top_k"][free].mean()),
     }
@@ -344,7 +347,7 @@ def pooled(per_seed_sources):
     return out
 
 
-def build_model(base, seed):
+def build_model(base, seed, control_loss_weight=None):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from testing_utils import minilm_dir
 
@@ -352,7 +355,8 @@ def build_model(base, seed):
     from graftlm.conversion.common import load_tokenizer
 
     torch.manual_seed(seed)  # the new modules' initialisation
-    model, _ = convert_bert_gpt2_to_bridge(minilm_dir(), base, bridge_type="ga", controls=True)
+    options = {} if control_loss_weight is None else {"control_loss_weight": control_loss_weight}
+    model, _ = convert_bert_gpt2_to_bridge(minilm_dir(), base, bridge_type="ga", controls=True, **options)
     return model, load_tokenizer(minilm_dir()), load_tokenizer(base)
 
 
@@ -421,52 +425,60 @@ def plot(results, path):
     plt.close(fig)
 
 
+def run_seed(base, args, seed):
+    """Train one seed's model, fit the global and oracle settings on validation, score and sample the test sources."""
+    model, source_tokenizer, target_tokenizer = build_model(base, seed, args.control_loss_weight)
+    task = Task(model, source_tokenizer, target_tokenizer, args.words)
+    training = train(model, task, args, seed)
+    generator = torch.Generator().manual_seed(seed)
+    val = teacher_forced(model, task, task.rows["validation"], args.free_targets, generator)
+    val_copy = task.is_copy[val["source"]]
+    fitted = {"global": fit(val, torch.arange(len(val_copy))), "oracle_copy": fit(val, val_copy.nonzero()[:, 0]),
+              "oracle_free": fit(val, (~val_copy).nonzero()[:, 0])}
+    logger.info("seed %s: fitted on validation %s", seed, fitted)
+    test_rows = task.rows["test"]
+    chosen = {fitted["global"][0], fitted["oracle_copy"][0], fitted["oracle_free"][0], 1.0}
+    test = teacher_forced(model, task, test_rows, args.free_targets, generator, sorted(chosen))
+    methods = settings(test, task.is_copy[test["source"]], fitted)
+    logger.info("seed %s: held-out pairs scored; sampling", seed)
+    source_metrics = per_source(model, task, test, test_rows, methods, args.samples, generator)
+    logger.info("seed %s: sampled; bootstrapping", seed)
+    boot = torch.Generator().manual_seed(seed)
+    record = {"training": training, "fitted": fitted,
+              "table": {m: with_intervals(source_metrics[m], args.bootstrap, boot) for m in METHODS}}
+    held_out = {"copy": int(task.is_copy[test_rows].sum()), "free": int((~task.is_copy[test_rows]).sum())}
+    return record, source_metrics, held_out
+
+
 def run(args):
+    """Every seed in turn; the JSON and PNG are rewritten after each (pooled over the seeds done so far)."""
     torch.set_num_threads(args.threads)
     base = offline_base.base_checkpoint(**args.base)
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     per_seed, sources = {}, []
     for seed in args.seeds:
-        model, source_tokenizer, target_tokenizer = build_model(base, seed)
-        task = Task(model, source_tokenizer, target_tokenizer, args.words)
-        training = train(model, task, args, seed)
-        generator = torch.Generator().manual_seed(seed)
-        val = teacher_forced(model, task, task.rows["validation"], args.free_targets, generator)
-        val_copy = task.is_copy[val["source"]]
-        fitted = {"global": fit(val, torch.arange(len(val_copy))), "oracle_copy": fit(val, val_copy.nonzero()[:, 0]),
-                  "oracle_free": fit(val, (~val_copy).nonzero()[:, 0])}
-        logger.info("seed %s: fitted on validation %s", seed, fitted)
-        test_rows = task.rows["test"]
-        chosen = {fitted["global"][0], fitted["oracle_copy"][0], fitted["oracle_free"][0], 1.0}
-        test = teacher_forced(model, task, test_rows, args.free_targets, generator, sorted(chosen))
-        methods = settings(test, task.is_copy[test["source"]], fitted)
-        logger.info("seed %s: held-out pairs scored; sampling", seed)
-        source_metrics = per_source(model, task, test, test_rows, methods, args.samples, generator)
-        logger.info("seed %s: sampled; bootstrapping", seed)
+        record, source_metrics, held_out = run_seed(base, args, seed)
+        per_seed[str(seed)] = record
         sources.append(source_metrics)
-        boot = torch.Generator().manual_seed(seed)
-        per_seed[str(seed)] = {"training": training, "fitted": fitted,
-                               "table": {m: with_intervals(source_metrics[m], args.bootstrap, boot) for m in METHODS}}
-        print_table(f"seed {seed}: {'learned' if training['learned'] else 'NOT LEARNED'} at step "
-                    f"{training['steps']}; global (T, k) = {fitted['global']}, oracle copy {fitted['oracle_copy']}, "
-                    f"free {fitted['oracle_free']}", per_seed[str(seed)]["table"])
-    boot = torch.Generator().manual_seed(0)
-    merged = pooled(sources)
-    results = {
-        "command": "python " + shlex.join(sys.argv), "base": str(base), "seeds": args.seeds, "words": args.words,
-        "copy_set": COPY_SET, "free_set": FREE_SET, "temperature_grid": TEMPERATURES,
-        "held_out_sources": {"copy": int(task.is_copy[task.rows["test"]].sum()),
-                             "free": int((~task.is_copy[task.rows["test"]]).sum())},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "base")},
-        "ideal_free_nll_per_token": math.log(len(FREE_SET)) * args.words / (args.words + 1),
-        "per_seed": per_seed,
-        "pooled": {m: with_intervals(merged[m], args.bootstrap, boot) for m in METHODS},
-    }
-    (out / "adaptive_decoding.json").write_text(json.dumps(jsonable(results), indent=1), encoding="utf-8")
-    plot(results, out / "adaptive_decoding.png")
+        training, fitted = record["training"], record["fitted"]
+        status = f"learned at step {training['learned_at']}" if training["learned"] else "NOT LEARNED"
+        print_table(f"seed {seed}: {status}, trained {training['steps']} steps; global (T, k) = {fitted['global']}, "
+                    f"oracle copy {fitted['oracle_copy']}, free {fitted['oracle_free']}", record["table"])
+        merged = pooled(sources)
+        results = {
+            "command": "python " + shlex.join(sys.argv), "base": str(base), "seeds": list(map(int, per_seed)),
+            "seeds_requested": args.seeds, "words": args.words, "copy_set": COPY_SET, "free_set": FREE_SET,
+            "temperature_grid": TEMPERATURES, "held_out_sources": held_out,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "base")},
+            "ideal_free_nll_per_token": math.log(len(FREE_SET)) * args.words / (args.words + 1),
+            "per_seed": per_seed,
+            "pooled": {m: with_intervals(merged[m], args.bootstrap, torch.Generator().manual_seed(0)) for m in METHODS},
+        }
+        (out / "adaptive_decoding.json").write_text(json.dumps(jsonable(results), indent=1), encoding="utf-8")
+        plot(results, out / "adaptive_decoding.png")
     print(results["command"])
-    print_table(f"pooled over seeds {args.seeds} ({results['held_out_sources']} held-out sources)", results["pooled"])
+    print_table(f"pooled over seeds {results['seeds']} ({held_out} held-out sources)", results["pooled"])
     print(f"wrote {out / 'adaptive_decoding.json'} and {out / 'adaptive_decoding.png'}")
     return results
 
@@ -479,9 +491,13 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--words", type=int, default=3, help="colours per source (8**words sources per set)")
     parser.add_argument("--max-steps", type=int, default=3000, help="step cap of the stopping rule")
+    parser.add_argument("--min-steps", type=int, default=0,
+                        help="keep training to at least this step after the rule is met (more steps for the controls)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--stop-copy-em", type=float, default=0.95)
     parser.add_argument("--stop-free-valid", type=float, default=0.95)
+    parser.add_argument("--control-loss-weight", type=float, default=None,
+                        help="the bridge option control_loss_weight (default: the converter's, 0.1)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--free-targets", type=int, default=4, help="random targets scored per held-out free source")
