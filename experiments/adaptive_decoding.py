@@ -465,7 +465,7 @@ def run(args):
         status = f"learned at step {training['learned_at']}" if training["learned"] else "NOT LEARNED"
         print_table(f"seed {seed}: {status}, trained {training['steps']} steps; global (T, k) = {fitted['global']}, "
                     f"oracle copy {fitted['oracle_copy']}, free {fitted['oracle_free']}", record["table"])
-        merged = pooled(sources)
+        merged, boot = pooled(sources), torch.Generator().manual_seed(0)
         results = {
             "command": "python " + shlex.join(sys.argv), "base": str(base), "seeds": list(map(int, per_seed)),
             "seeds_requested": args.seeds, "words": args.words, "copy_set": COPY_SET, "free_set": FREE_SET,
@@ -473,7 +473,7 @@ def run(args):
             "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "base")},
             "ideal_free_nll_per_token": math.log(len(FREE_SET)) * args.words / (args.words + 1),
             "per_seed": per_seed,
-            "pooled": {m: with_intervals(merged[m], args.bootstrap, torch.Generator().manual_seed(0)) for m in METHODS},
+            "pooled": {m: with_intervals(merged[m], args.bootstrap, boot) for m in METHODS},
         }
         (out / "adaptive_decoding.json").write_text(json.dumps(jsonable(results), indent=1), encoding="utf-8")
         plot(results, out / "adaptive_decoding.png")
