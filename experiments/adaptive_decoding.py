@@ -318,7 +318,8 @@ def summary(s, index):
         "copy_exact_match": float(s["exact"][copy].mean()), "free_validity": float(s["valid"][free].mean()),
         "free_distinct": float(s["distinct"][free].mean()),
         "free_colour_entropy": float(-(p * p.clamp_min(1e-12).log()).sum()) + 0.0,  # + 0.0: no "-0.00"
-        "temperature_copy": float(s["temperature"][copy].mean()), "temperature_free": float(s["temperature"][free].mean()),
+        "temperature_copy": float(s["temperature"][copy].mean()),
+        "temperature_free": float(s["temperature"][free].mean()),
         "top_k_copy": float(s["top_k"][copy].mean()), "top_k_free": float(s["top_k"][free].mean()),
     }
 
