@@ -149,7 +149,7 @@ def whole_model(trainer, model):
         return None
     whole = type(model)(model.config)
     whole.load_state_dict(state)  # strict: a partial gather is an error, never a half-random export
-    return whole.to(next(iter(state.values())).dtype)
+    return whole.to(next(value.dtype for value in state.values() if value.is_floating_point()))  # e.g. ZeRO-3's 16-bit
 
 
 def loss_history(trainer):
