@@ -13,10 +13,9 @@ import tempfile
 
 import torch
 
-from ..export import add_hub_arguments
-from ..inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
+from ..inputs import POSITIVE_INT
 from ..modeling.pipeline_bridge import ENCODER_TOKENIZER_SUBFOLDER
-from .common import add_trainer_options, check_launch, export_trained, loss_history, trainer_arguments, whole_model
+from .common import add_trainer_arguments, check_launch, export_trained, loss_history, trainer_arguments, whole_model
 from .data import load_records
 
 logger = logging.getLogger(__name__)
@@ -102,20 +101,9 @@ def add_arguments(parser):
     parser.add_argument("--eval-split", help="split of a datasets dataset to evaluate on")
     parser.add_argument("--src-column", default="src")
     parser.add_argument("--tgt-column", default="tgt")
-    parser.add_argument("--output-dir", required=True, help="folder for the trained, exported model")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    add_hub_arguments(parser)
     parser.add_argument("--max-source-length", type=POSITIVE_INT, default=128)
     parser.add_argument("--max-target-length", type=POSITIVE_INT, default=128)
-    parser.add_argument("--max-steps", type=POSITIVE_INT, default=500)
-    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="pairs per device and step")
-    parser.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
-    parser.add_argument("--learning-rate", type=POSITIVE, default=5e-5)
-    parser.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=20)
-    parser.add_argument("--logging-steps", type=POSITIVE_INT, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")
-    add_trainer_options(parser)
+    add_trainer_arguments(parser, max_steps=500, batch_size=8, learning_rate=5e-5, warmup_steps=20, unit="pairs")
 
 
 def main(args):

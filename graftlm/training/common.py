@@ -33,28 +33,31 @@ def make_optimizer(model, learning_rate, own_learning_rates, weight_decay=0.01):
 
 def add_text_training_arguments(parser, model_help, max_steps=200, learning_rate=3e-4):
     """Options of the causal-LM text commands (train dfa, train bsbr); each adds its own beside these."""
-    from ..export import add_hub_arguments
-
     parser.add_argument("--model", required=True, help=model_help)
     parser.add_argument("--text", required=True, help="UTF-8 training text file, or a .jsonl file (see --text-field)")
     parser.add_argument("--text-field", default="text", help="field holding the text when --text is a .jsonl file")
+    parser.add_argument("--eval-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1,
+                        help="share of the text held out for evaluation")
+    add_trainer_arguments(parser, max_steps=max_steps, batch_size=4, learning_rate=learning_rate, warmup_steps=10,
+                          unit="windows")
+
+
+def add_trainer_arguments(parser, max_steps, batch_size, learning_rate, warmup_steps, unit):
+    """Options of every Trainer-based command (train dfa, bsbr, bridge), read by trainer_arguments and
+    export_trained; `unit` names what a batch holds ("windows", "pairs")."""
+    from ..export import add_hub_arguments
+
     parser.add_argument("--output-dir", required=True, help="folder for the trained, exported model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     add_hub_arguments(parser)
     parser.add_argument("--max-steps", type=POSITIVE_INT, default=max_steps)
-    parser.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="windows per device and step")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size, help=f"{unit} per device and step")
     parser.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
     parser.add_argument("--learning-rate", type=POSITIVE, default=learning_rate)
-    parser.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=10)
-    parser.add_argument("--eval-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1,
-                        help="share of the text held out for evaluation")
+    parser.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=warmup_steps)
     parser.add_argument("--logging-steps", type=POSITIVE_INT, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")
-    add_trainer_options(parser)
-
-
-def add_trainer_options(parser):
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPUs and GPUs that support it)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass to save memory")
