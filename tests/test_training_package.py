@@ -69,3 +69,15 @@ def test_records_from_csv_json_and_lists(tmp_path):
     tsv.write_text("src\ttgt\na\tb\n")
     with pytest.raises(ValueError, match=r"pairs.tsv: expected a \.jsonl, \.json, \.csv file"):
         load_records(tsv, columns)
+
+
+def test_bridge_pairs_are_text_and_a_blank_cell_is_refused(tmp_path):
+    from graftlm.training.bridge import load_pairs
+
+    data = tmp_path / "pairs.csv"
+    data.write_text("question,answer\nwhat is 6 x 7,42\n")
+    pairs = load_pairs(data, src_column="question", tgt_column="answer")
+    assert pairs.column_names == ["src", "tgt"] and pairs[0] == {"src": "what is 6 x 7", "tgt": "42"}
+    data.write_text("src,tgt\nhello,\n")
+    with pytest.raises(ValueError, match=r"pairs.csv: record 0 has an empty 'tgt'"):
+        load_pairs(data)

@@ -22,12 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 def load_pairs(source, src_column="src", tgt_column="tgt", split="train", dataset_config=None):
-    """A datasets.Dataset of (src, tgt) strings from a .jsonl/.json/.csv file or a `datasets` name; data without
-    `src_column`/`tgt_column`, or with a record that lacks them, is a ValueError naming them (data.load_records)."""
+    """A datasets.Dataset of (src, tgt) strings from a .jsonl/.json/.csv file or a `datasets` name. Data without
+    `src_column`/`tgt_column`, a record that lacks one, and a blank source or target (an empty CSV cell, say;
+    `graftlm eval` refuses them too) are ValueErrors naming them (data.load_records)."""
     import datasets
 
     records = load_records(source, (src_column, tgt_column), split, dataset_config, what="pairs",
-                           flags="--src-column/--tgt-column")
+                           flags="--src-column/--tgt-column", non_empty=(src_column, tgt_column))
     return datasets.Dataset.from_list([{"src": r[src_column], "tgt": r[tgt_column]} for r in records])
 
 
