@@ -677,11 +677,11 @@ GENERATE_CASES = [case("dfa", "4heads", None), case("dfa", "3heads", None), case
 
 @pytest.mark.parametrize("arch,shape,options", GENERATE_CASES)
 def test_generate_with_the_cache_equals_without(arch, shape, options):
-    """Greedy (24 new tokens: three of BSBR's chunks), beam search and seeded sampling decode the same tokens with
-    and without the cache; the greedy steps' logits agree."""
+    """Greedy (BSBR: across three chunks), beam search and seeded sampling decode the same tokens with and without
+    the cache; the greedy steps' logits agree."""
     tester = TESTERS[arch]
     model = tester.trained(shape, options)
-    inputs = dict(tester.generate_inputs(), max_new_tokens=24, min_new_tokens=24)
+    inputs = dict(tester.generate_inputs(), max_new_tokens=tester.new_tokens, min_new_tokens=tester.new_tokens)
     with torch.no_grad():
         greedy = [model.generate(**inputs, do_sample=False, output_logits=True, return_dict_in_generate=True,
                                  use_cache=use_cache) for use_cache in (True, False)]

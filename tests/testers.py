@@ -117,6 +117,7 @@ class Tester:
     seq2seq = False
     pads = (0, 3, 11)  # left padding of the rows of step_batch: row 2 is all padding during a short prefill
     identity_overrides = {}  # config fields under which the identity-initialised model computes stock GPT-2
+    new_tokens = 10  # what generate tests decode
 
     def config(self, **gpt2_fields):
         config_class = ARCHS[self.name][0]
@@ -205,6 +206,7 @@ class DFATester(Tester):
 class BSBRTester(Tester):
     name, auto_class = "bsbr", "AutoModelForCausalLM"
     chunk = 8  # tiny chunks, so short inputs cross several chunk boundaries
+    new_tokens = 3 * chunk  # decoding crosses three chunk boundaries
     options = {"compression_factor": 2}
     identity_overrides = {"chunk_size": 16}  # one chunk holds the input: no retrieval
 
