@@ -654,13 +654,14 @@ def test_cached_decoding_equals_the_full_forward(arch, shape, options, prefill, 
     model = tester.trained(shape, options)
     ids, mask, positions = step_batch(43, tester.pads)
     with torch.no_grad():
-        full = model(**tester.full(ids, mask, positions, prefill)).logits
-        out = model(**tester.step(ids, mask, positions, 0, prefill), use_cache=True)
+        shared = tester.encoded(model, len(ids))
+        full = model(**tester.full(ids, mask, positions, prefill), **shared).logits
+        out = model(**tester.step(ids, mask, positions, 0, prefill), **shared, use_cache=True)
         logits = [out.logits]
         for start in range(prefill, ids.shape[1], then):
             end = min(start + then, ids.shape[1])
-            out = model(**tester.step(ids, mask, positions, start, end), past_key_values=out.past_key_values,
-                        use_cache=True)
+            out = model(**tester.step(ids, mask, positions, start, end), **shared,
+                        past_key_values=out.past_key_values, use_cache=True)
             logits.append(out.logits)
     stepwise, real = torch.cat(logits, dim=1), mask.bool()
     assert (stepwise[real] - full[real]).abs().max().item() <= 1e-4

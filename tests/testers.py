@@ -157,6 +157,10 @@ class Tester:
         """Forward inputs for slots start:end of a step_batch, after a cache holding slots :start."""
         return dict(input_ids=ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end])
 
+    def encoded(self, model, rows):
+        """What every step of a step_batch shares (Bridged: the encoder's outputs, computed once)."""
+        return {}
+
     def full(self, ids, mask, positions, prefill):
         """Forward inputs for all slots without a cache, reading what cached decoding read after a prefill."""
         return self.step(ids, mask, positions, 0, ids.shape[1])
@@ -281,8 +285,11 @@ class BridgeTester(Tester):
     def generate_inputs(self):
         return self.source()
 
+    def encoded(self, model, rows):
+        return {"encoder_outputs": model.encode(**self.source(rows))}
+
     def step(self, ids, mask, positions, start, end):
-        return dict(self.source(len(ids)), decoder_input_ids=ids[:, start:end])
+        return dict(attention_mask=self.source(len(ids))["attention_mask"], decoder_input_ids=ids[:, start:end])
 
     def train_batch(self, seq=24):
         return dict(self.source(2), labels=super().train_batch(seq)["labels"])
