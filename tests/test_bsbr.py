@@ -1,4 +1,5 @@
-"""GPT2-BSBR: parity with GPT-2, causality, cache == no-cache, padding, save/export/remote code, errors, training."""
+"""GPT2-BSBR: parity with GPT-2, causality, padding, chunk retrieval and its cache, errors, training (what every
+architecture must do, cache == no cache and save/export/remote code among it, is in test_contract.py)."""
 
 import copy
 import functools
@@ -6,15 +7,15 @@ import json
 
 import pytest
 import torch
-from testing_utils import assert_gpt2_init, minilm_dir, run_without_graftlm, save_tiny_gpt2
+from testers import step_batch as padded_batch
+from testing_utils import minilm_dir, save_tiny_gpt2
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2LMHeadModel
 
 import graftlm  # noqa: F401  registers the architectures
 from graftlm.cli import main as cli_main
 from graftlm.configuration.configuration_bsbr import BSBRConfig
-from graftlm.conversion.bsbr import TransformerToBSBRConverter, convert_gpt2_to_bsbr, convert_to_bsbr, model_card
+from graftlm.conversion.bsbr import TransformerToBSBRConverter, convert_gpt2_to_bsbr, convert_to_bsbr
 from graftlm.conversion.common import ConversionError
-from graftlm.export import export_model
 from graftlm.modeling.modeling_bsbr import BSBRForCausalLM
 
 CHUNK = 8  # tiny chunks, so short inputs cross several chunk boundaries
@@ -55,16 +56,6 @@ def trained(base, seed=0, compression_factor=None):
             elif "meta_" in name or "compress_proj" in name:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
     return model.eval()
-
-
-def padded_batch(seq, pads=(0, 3, 11), seed=0):
-    """Rows of `seq` slots, row r left-padded with pads[r] zeros; position ids as generate() builds them."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (len(pads), seq), generator=generator)
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        ids[row, :pad], mask[row, :pad] = 0, 0
-    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def block_diagonal_reference(stock, ids, chunk, position_ids=None):
@@ -131,32 +122,6 @@ def test_retrieval_carries_earlier_chunks_only_when_the_gate_is_open(base4):
         assert torch.equal(model(input_ids=changed).logits[:, later], model(input_ids=ids).logits[:, later])
 
 
-def step_by_step(model, ids, mask, positions, prefill, then=1):
-    """Logits from a prefill of `prefill` slots, then chunks of `then` slots, through the cache."""
-    out = model(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill],
-                use_cache=True)
-    logits = [out.logits]
-    for t in range(prefill, ids.shape[1], then):
-        end = min(t + then, ids.shape[1])
-        out = model(input_ids=ids[:, t:end], attention_mask=mask[:, :end], position_ids=positions[:, t:end],
-                    past_key_values=out.past_key_values, use_cache=True)
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1), out.past_key_values
-
-
-@pytest.mark.parametrize("compression_factor", [None, 2])
-@pytest.mark.parametrize("prefill,then", [(1, 1), (5, 1), (CHUNK, 1), (13, 7)])
-def test_cached_decoding_equals_full_forward_on_a_left_padded_batch(base, compression_factor, prefill, then):
-    model = trained(base, compression_factor=compression_factor)
-    ids, mask, positions = padded_batch(5 * CHUNK + 3)  # row 2 is all padding during a 5-slot prefill
-    with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        stepwise, cache = step_by_step(model, ids, mask, positions, prefill, then)
-    real = mask.bool()
-    assert (stepwise[real] - full[real]).abs().max().item() <= 1e-4
-    assert cache.get_seq_length() == ids.shape[1]
-
-
 def test_padding_changes_nothing_for_real_tokens(base4):
     model = trained(base4, compression_factor=2)
     ids, mask, positions = padded_batch(4 * CHUNK + 1)
@@ -200,27 +165,17 @@ def test_packed_sequences_each_get_what_they_get_alone(base4, attn_implementatio
                 start += n
 
 
-def test_generate_cached_equals_uncached_and_each_row_alone(base4):
+def test_generate_gives_each_row_what_it_gets_alone(base4):
+    """(Cached == uncached, beams and sampling: test_contract.py's test_generate_with_the_cache_equals_without.)"""
     model = trained(base4)
     ids, mask, _ = padded_batch(CHUNK + 4, pads=(0, 5))
     kwargs = dict(max_new_tokens=3 * CHUNK, pad_token_id=0)  # crosses three chunk boundaries
     with torch.no_grad():
         greedy = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
-        assert torch.equal(greedy, model.generate(input_ids=ids, attention_mask=mask, do_sample=False, use_cache=False,
-                                                  **kwargs))
         for row in range(2):
             first = int(mask[row].argmax())
             alone = model.generate(input_ids=ids[row : row + 1, first:], do_sample=False, **kwargs)
             assert torch.equal(greedy[row, first:], alone[0])
-        sampled = []
-        for use_cache in (True, False):
-            torch.manual_seed(0)
-            sampled.append(model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=20,
-                                          use_cache=use_cache, **kwargs))
-        assert torch.equal(*sampled)
-        beams = [model.generate(input_ids=ids, attention_mask=mask, num_beams=2, do_sample=False, use_cache=use_cache,
-                                **kwargs) for use_cache in (True, False)]
-        assert torch.equal(*beams)
 
 
 def test_cache_grows_by_one_state_per_completed_chunk(base4):
@@ -237,51 +192,6 @@ def test_cache_grows_by_one_state_per_completed_chunk(base4):
     per_chunk = config.n_layer * 2 * config.n_head * (s * d + s + d) * 4  # F_j, z_j, H_j in float32, batch of 2
     assert sizes[6 * CHUNK] - sizes[2 * CHUNK] == 4 * per_chunk
     assert sizes[14 * CHUNK] - sizes[6 * CHUNK] == 8 * per_chunk
-
-
-def test_save_and_load_give_identical_logits(base4, tmp_path):
-    model = trained(base4, compression_factor=2)
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert isinstance(loaded, BSBRForCausalLM) and loaded.config.compression_factor == 2
-    ids, mask, positions = padded_batch(3 * CHUNK + 5)
-    with torch.no_grad():
-        a = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        b = loaded(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    assert torch.equal(a, b)
-    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # tied
-
-
-def test_exported_folder_loads_without_graftlm_and_generates_the_same_tokens(base4, tmp_path):
-    from transformers import AutoTokenizer
-
-    model, report = converted(base4, compression_factor=2)
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.retrieval_gate.weight.fill_(0.8)
-    folder = export_model(model, tmp_path / "export", tokenizers={"": AutoTokenizer.from_pretrained(base4)},
-                          card=model_card(report, "someone/gpt2-bsbr", model.config))
-    card = (folder / "README.md").read_text()
-    assert f"**{report.chunk_delta:.3g}**" in card and "library_name: transformers" in card
-    assert "base_model:" not in card and "pipeline_tag: text-generation" in card  # converted from a local folder
-    ids, mask, _ = padded_batch(CHUNK + 3, pads=(0, 4))
-    with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2 * CHUNK, do_sample=False,
-                                  pad_token_id=0)
-    result = run_without_graftlm(
-        f"""
-        import json, torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-        ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens={2 * CHUNK}, do_sample=False,
-                             pad_token_id=0)
-        print(json.dumps({{"module": type(model).__module__, "tokens": out.tolist()}}))
-        """,
-        tmp_path,
-    )
-    assert result["module"].startswith("transformers_modules.")
-    assert result["tokens"] == expected.tolist()
 
 
 def test_new_modules_start_from_gpt2_weights(base4):
@@ -363,24 +273,6 @@ def test_peft_modules_to_save_learns_the_retrieval_gate_from_zero(base4):
             assert torch.equal(peft_model(input_ids=changed).logits[:, later], peft_model(input_ids=ids).logits[:, later])
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(base4):
-    model = trained(base4)
-    model.train()
-    model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    ids, _, _ = padded_batch(3 * CHUNK, pads=(0, 0))
-    grads = []
-    for checkpointing in (False, True):
-        model.zero_grad()
-        if checkpointing:
-            model.activation_checkpointing_enable()
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    torch.testing.assert_close(grads[0], grads[1])
-
-
 def test_cli_convert_then_train_heals_and_exports(base4, tmp_path):
     text = tmp_path / "text.txt"
     from graftlm.offline import offline_text
@@ -425,15 +317,6 @@ def test_non_gpt2_checkpoint_is_refused():
         convert_to_bsbr(str(minilm_dir()), chunk_size=CHUNK)
 
 
-def test_input_longer_than_n_positions_is_refused(base4):
-    model, _ = converted(base4)
-    with pytest.raises(ValueError, match="n_positions=128"):
-        model(input_ids=torch.zeros(1, 129, dtype=torch.long))
-    cache = model(input_ids=torch.zeros(1, 120, dtype=torch.long), use_cache=True).past_key_values
-    with pytest.raises(ValueError, match=r"120 cached \+ 9 new"):
-        model(input_ids=torch.zeros(1, 9, dtype=torch.long), past_key_values=cache)
-
-
 def test_other_bad_options_and_inputs_are_refused(base4):
     with pytest.raises(TypeError, match="unknown BSBR option"):
         convert_gpt2_to_bsbr(base4, chunk_sise=8)
@@ -448,6 +331,3 @@ def test_other_bad_options_and_inputs_are_refused(base4):
     with pytest.raises(ValueError, match="attention_mask"):
         model(input_ids=ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
 
-
-def test_model_built_from_a_config_is_initialised_as_gpt2():
-    assert_gpt2_init(BSBRForCausalLM, BSBRConfig)

@@ -2,75 +2,36 @@
 GenerationTesterMixin check on the in-library models, reduced to tiny configs so that CI runs it (the mixins
 themselves run in the conformance harness, /work/shared/hf-conformance, not in CI).
 
-Each causal LM is one row of ARCHS (DFA, BSBR, Scaffolded); Bridged, a seq2seq model, is the row of `bridge()` with
-its own tests at the end. Tests that only apply to one row say so by the row's capabilities, as transformers' mixins do
-by class attributes.
+Each causal LM is one row of ARCHS (DFA, BSBR, Scaffolded); Bridged, a seq2seq model, is the row of `build_bridge()`
+with its own tests at the end of that part. Tests that only apply to one row say so by the row's capabilities, as
+transformers' mixins do by class attributes.
+
+Then GraftLM's own contract, over the four testers (tests/testers.py) on models converted from tiny stock checkpoints:
+save -> load, an export loaded in a process where graftlm cannot be imported, cache == no cache, gradient
+checkpointing, init from a config, too-long input refused.
 """
 
 import re
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, StaticCache
+from testers import ARCHS, GPT2_SHAPES, TESTERS, TINY, VOCAB, batch, build, build_bridge, scaffold_config, step_batch
+from testing_utils import NEW_MODULE_PATTERNS, assert_gpt2_init, run_without_graftlm
+from transformers import DynamicCache, StaticCache
 
 from graftlm.configuration.configuration_bsbr import BSBRConfig
-from graftlm.configuration.configuration_dfa import DFAConfig
-from graftlm.configuration.configuration_scaffold import ScaffoldConfig
 from graftlm.modeling import modeling_bsbr, modeling_dfa, modeling_scaffold
 from graftlm.modeling.bsbr_cache import BSBRLayer, BSBRStaticLayer
-from graftlm.modeling.modeling_bsbr import BSBRForCausalLM, BSBRModel
-from graftlm.modeling.modeling_dfa import DFAForCausalLM, DFAModel
-from graftlm.modeling.modeling_scaffold import ScaffoldForCausalLM, ScaffoldModel
+from graftlm.modeling.modeling_bsbr import BSBRForCausalLM
+from graftlm.modeling.modeling_scaffold import ScaffoldForCausalLM
 
-TINY = dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=99, bos_token_id=0, eos_token_id=0,
-            pad_token_id=0)
-
-
-def scaffold_config(**kwargs):
-    """A ScaffoldConfig whose base and scaffold are both the tiny GPT-2 of TINY, with a fuser after every base layer;
-    the other options go to the ScaffoldConfig."""
-    gpt2 = {k: kwargs.pop(k) for k in TINY if k in kwargs}
-    return ScaffoldConfig(base_config=GPT2Config(**gpt2), scaffold_config=GPT2Config(**gpt2),
-                          cross_attn_layers=list(range(gpt2["n_layer"])), fuser_heads=gpt2["n_head"], **kwargs)
-
-
-# name: (config class, causal LM class, base model class, config overrides). BSBR's chunk of 4 makes every test
-# input cross chunks, so retrieval shapes the outputs.
-ARCHS = {
-    "dfa": (DFAConfig, DFAForCausalLM, DFAModel, {}),
-    "bsbr": (BSBRConfig, BSBRForCausalLM, BSBRModel, {"chunk_size": 4}),
-    "scaffold": (scaffold_config, ScaffoldForCausalLM, ScaffoldModel, {}),
-}
 CUSTOM_CACHE = {"bsbr"}  # rows whose generate() cache is their own Cache subclass (crop tests below)
-
-
-def build(arch, model="lm", seed=0, **overrides):
-    config_class, lm_class, base_class, arch_overrides = ARCHS[arch]
-    config = config_class(**{**TINY, **arch_overrides, **overrides})
-    config._attn_implementation = "eager"  # output_attentions needs the explicit weights, as for GPT-2
-    torch.manual_seed(seed)
-    model = (lm_class if model == "lm" else base_class)(config).eval()
-    with torch.no_grad():  # open the identity-initialised modules, so the new architecture shapes the outputs
-        for name, param in model.named_parameters():
-            if "retrieval_gate" in name or "c_gate" in name or (name.startswith("fusers.") and name.endswith(".gate")):
-                param.normal_()
-        if hasattr(model, "scaffold"):  # one token embedding for both GPT-2s, as a scaffold converted from the base has
-            model.scaffold.transformer.wte.weight.copy_(model.base.transformer.wte.weight)
-    return model
 
 
 def prompt_read_by_scaffold(net, prompt, prompt_mask):
     """Scaffolded decoding reads the scaffold states of the prompt (the first forward into the cache) at every step:
     the uncached forward that it equals gives the scaffold that prompt. Nothing for the other rows."""
     return {"scaffold_input_ids": prompt, "scaffold_attention_mask": prompt_mask} if hasattr(net, "scaffold") else {}
-
-
-def batch(seq=11):
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, TINY["vocab_size"], (2, seq), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding in row 0
-    return ids, mask
 
 
 @pytest.mark.parametrize("model", ["lm", "base"])
@@ -548,28 +509,6 @@ def test_scaffold_task_heads_read_the_fused_states(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", SCAFFOLDED)
-def test_gradient_checkpointing_goes_through_transformers_layers(arch):
-    """gradient_checkpointing_enable() checkpoints the frozen base's blocks too (they rerun in backward), with the
-    gradients of the unchecked run; the base still gets none."""
-    ids = batch()[0]
-    grads, calls = [], []
-    for checkpointing in (False, True):
-        net = build(arch).freeze_base()
-        net.train()
-        if checkpointing:
-            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        count = []
-        net.base.transformer.h[0].attn.register_forward_hook(lambda *args: count.append(1))
-        net(input_ids=ids, labels=ids).loss.backward()
-        calls.append(len(count))
-        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
-    assert calls == [1, 2]
-    assert grads[0].keys() == grads[1].keys() and not any(n.startswith("base.") for n in grads[0])
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name])
-
-
-@pytest.mark.parametrize("arch", SCAFFOLDED)
 def test_auto_model_loads_the_hidden_states_of_a_saved_lm(arch, tmp_path):
     from transformers import AutoModel
 
@@ -586,29 +525,15 @@ def test_auto_model_loads_the_hidden_states_of_a_saved_lm(arch, tmp_path):
 
 
 # --- Bridged (issue 13): the seq2seq row ------------------------------------------------------------------------------
-def bridge(**options):
-    from transformers import BertConfig
-
-    from graftlm.configuration.configuration_bridge import BridgeConfig
-    from graftlm.modeling.modeling_bridge import BridgeForConditionalGeneration
-
-    encoder = BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-                         vocab_size=TINY["vocab_size"])
-    decoder = GPT2Config(**{**TINY, "n_layer": 1, "add_cross_attention": True})
-    config = BridgeConfig(encoder=encoder, decoder=decoder, pad_token_id=0, decoder_start_token_id=1, **options)
-    torch.manual_seed(0)
-    return BridgeForConditionalGeneration(config).eval()
-
-
 @pytest.mark.parametrize("controls", [False, True])
 def test_bridge_return_dict_flags_config_fields_and_fp32_list(controls):
     ids, mask = batch()
     inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5])
-    net = bridge(controls=controls)
+    net = build_bridge(controls=controls)
     with torch.no_grad():
         out = net(**inputs)
         as_tuple = net(**inputs, return_dict=False)
-        from_config = bridge(controls=controls, return_dict=False, output_hidden_states=True)(**inputs)
+        from_config = build_bridge(controls=controls, return_dict=False, output_hidden_states=True)(**inputs)
     assert type(as_tuple) is tuple and len(as_tuple) == len(out.to_tuple())
     torch.testing.assert_close(as_tuple[0], out.logits)
     assert type(from_config) is tuple and len(from_config) > len(as_tuple)  # the hidden states came from the config
@@ -620,3 +545,243 @@ def test_bridge_return_dict_flags_config_fields_and_fp32_list(controls):
     # both lists (bitsandbytes reads the first, bfloat16 the second), naming only the modules this config builds
     assert set(net._keep_in_fp32_modules) == set(net._keep_in_fp32_modules_strict) == {"bridge", "controls"} & names
     assert ("controls" in names) == controls
+
+
+# --- GraftLM's contract, over the four testers: models converted from tiny stock checkpoints ------------------------
+def auto(tester):
+    import transformers
+
+    return getattr(transformers, tester.auto_class)
+
+
+def no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("arch", TESTERS)
+def test_save_and_load_give_identical_logits(arch, tmp_path):
+    """Through the Auto class: the same class, the converter's options, buffers and logits (bit for bit), and the
+    lm_head still tied to the token embeddings."""
+    tester = TESTERS[arch]
+    model = tester.trained()
+    model.save_pretrained(tmp_path)
+    loaded = auto(tester).from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    for field, value in tester.options.items():
+        assert getattr(loaded.config, field) == (list(value) if isinstance(value, tuple) else value), field
+    buffers = dict(loaded.named_buffers())
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffers[name], buffer), name
+    inputs = tester.inputs()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    gpt2 = tester.gpt2(loaded)
+    assert gpt2.lm_head.weight.data_ptr() == gpt2.transformer.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize("arch", TESTERS)
+def test_export_loads_without_graftlm_and_computes_the_same(arch, tmp_path):
+    """An export (weights, code, tokenizers, card) loads through trust_remote_code in a fresh process where graftlm
+    cannot be imported: the exported classes, GPT-2's tokenizer ids, the same logits and greedy tokens."""
+    from graftlm.export import export_model
+
+    tester = TESTERS[arch]
+    model, (_, report) = tester.trained(), tester.convert()
+    folder = export_model(model, tmp_path / "export", tokenizers=tester.tokenizers(), card=tester.card(report, model))
+    card = (folder / "README.md").read_text()
+    assert "library_name: transformers" in card and "base_model:" not in card  # converted from local folders
+    for fact in tester.card_facts(report):
+        assert fact in card, fact
+    probe = dict(forward=tester.inputs(), generate=tester.generate_inputs())
+    torch.save(probe, tmp_path / "probe.pt")
+    with torch.no_grad():
+        logits = model(**probe["forward"]).logits
+        tokens = model.generate(**probe["generate"], max_new_tokens=16, do_sample=False)
+    result = run_without_graftlm(
+        f"""
+        import json, torch, transformers
+        folder = {str(folder)!r}
+        model = transformers.{tester.auto_class}.from_pretrained(folder, trust_remote_code=True).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        probe = torch.load({str(tmp_path / "probe.pt")!r})
+        with torch.no_grad():
+            torch.save(model(**probe["forward"]).logits, {str(tmp_path / "logits.pt")!r})
+            tokens = model.generate(**probe["generate"], max_new_tokens=16, do_sample=False)
+        print(json.dumps({{"module": type(model).__module__, "tokens": tokens.tolist(),
+                          "hello": tokenizer("Hello world").input_ids}}))
+        """,
+        tmp_path,
+    )
+    assert result["module"].startswith("transformers_modules.")
+    assert result["tokens"] == tokens.tolist()
+    assert result["hello"] == [15496, 995]  # GPT-2's own ids
+    assert (torch.load(tmp_path / "logits.pt") - logits).abs().max().item() <= 1e-4
+
+
+# (arch, stock GPT-2 shape, converter options, prefill slots, slots per later step). BSBR's steps cross chunk
+# boundaries (chunks of 8) at every offset; DFA's gates per token and per sequence.
+def case(arch, shape, options, *rest, marks=()):
+    """A pytest.param named by its values: arch-shape-option=value-..."""
+    named = [f"{k}={v}" for k, v in (options or {}).items()] + [str(r) for r in rest]
+    return pytest.param(arch, shape, options, *rest, marks=marks, id="-".join([arch, shape, *named]))
+
+
+# DFA's sequence gates come from each row's first real token: where a prefill holds none of a row's real tokens (row
+# 2, 11 pad slots, in a 5-slot prefill), the cached steps' gates differ from the full forward's (max |logit delta| 0.19
+# measured): a bug in modeling_dfa.py, left for its owner (an architecture file).
+DFA_SEQUENCE_GATES_AFTER_AN_ALL_PAD_PREFILL = pytest.mark.xfail(
+    strict=True, reason="DFA sequence gates: a row with no real token in the prefill gets other gates when cached")
+# (arch, stock GPT-2 shape, converter options, prefill slots, slots per later step). BSBR's steps cross chunk
+# boundaries (chunks of 8) at every offset; DFA's gates per token and per sequence.
+STEP_CASES = (
+    [case("dfa", "4heads", {"gate_mode": mode}, prefill, then,
+          marks=DFA_SEQUENCE_GATES_AFTER_AN_ALL_PAD_PREFILL if (mode, prefill) == ("sequence", 5) else ())
+     for mode in ("token", "sequence") for prefill, then in ((5, 1), (13, 7))]
+    + [case("bsbr", shape, {"compression_factor": factor}, prefill, then) for shape in GPT2_SHAPES
+       for factor in (None, 2) for prefill, then in ((1, 1), (5, 1), (8, 1), (13, 7))]
+    + [case(arch, "4heads", {}, prefill, then) for arch in ("scaffold", "bridge") for prefill, then in ((5, 1), (13, 7))]
+)
+
+
+@pytest.mark.parametrize("arch,shape,options,prefill,then", STEP_CASES)
+def test_cached_decoding_equals_the_full_forward(arch, shape, options, prefill, then):
+    """A prefill, then steps through the cache, give the logits of one forward without a cache (real positions), on a
+    left-padded batch (causal rows) of 43 slots; the cache holds every slot."""
+    tester = TESTERS[arch]
+    model = tester.trained(shape, options)
+    ids, mask, positions = step_batch(43, tester.pads)
+    with torch.no_grad():
+        shared = tester.encoded(model, len(ids))
+        full = model(**tester.full(ids, mask, positions, prefill), **shared).logits
+        out = model(**tester.step(ids, mask, positions, 0, prefill), **shared, use_cache=True)
+        logits = [out.logits]
+        for start in range(prefill, ids.shape[1], then):
+            end = min(start + then, ids.shape[1])
+            out = model(**tester.step(ids, mask, positions, start, end), **shared,
+                        past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits)
+    stepwise, real = torch.cat(logits, dim=1), mask.bool()
+    assert (stepwise[real] - full[real]).abs().max().item() <= 1e-4
+    assert out.past_key_values.get_seq_length() == ids.shape[1]
+
+
+# (arch, stock GPT-2 shape, converter options): DFA on a head count that is not a power of 2 too; both bridge kinds
+# that decode with controls.
+GENERATE_CASES = [case("dfa", "4heads", None), case("dfa", "3heads", None), case("bsbr", "4heads", None),
+                  case("scaffold", "4heads", None), case("bridge", "4heads", {"bridge_type": "ga", "controls": True}),
+                  case("bridge", "4heads", {"bridge_type": "population", "pop_size": 3, "selection": "fitness",
+                                            "controls": True})]
+
+
+@pytest.mark.parametrize("arch,shape,options", GENERATE_CASES)
+def test_generate_with_the_cache_equals_without(arch, shape, options):
+    """Greedy (BSBR: across three chunks), beam search and seeded sampling decode the same tokens with and without
+    the cache; the greedy steps' logits agree."""
+    tester = TESTERS[arch]
+    model = tester.trained(shape, options)
+    inputs = dict(tester.generate_inputs(), max_new_tokens=tester.new_tokens, min_new_tokens=tester.new_tokens)
+    with torch.no_grad():
+        greedy = [model.generate(**inputs, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                 use_cache=use_cache) for use_cache in (True, False)]
+        beams = [model.generate(**inputs, num_beams=2, do_sample=False, use_cache=use_cache)
+                 for use_cache in (True, False)]
+        sampled = []
+        for use_cache in (True, False):
+            torch.manual_seed(0)
+            sampled.append(model.generate(**inputs, do_sample=True, top_k=20, use_cache=use_cache))
+    assert torch.equal(greedy[0].sequences, greedy[1].sequences)
+    assert (greedy[0].logits[0] - greedy[0].logits[-1]).abs().max().item() > 1e-3  # the steps differ: a real comparison
+    for a, b in zip(greedy[0].logits, greedy[1].logits):
+        assert (a - b).abs().max().item() <= 1e-4
+    assert torch.equal(*beams) and torch.equal(*sampled)
+    if tester.seq2seq:
+        assert greedy[0].sequences[:, 0].eq(model.config.decoder_start_token_id).all()
+
+
+@pytest.mark.parametrize("arch", TESTERS)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch):
+    """activation_checkpointing_enable() reruns the GPT-2 blocks in backward (also where the converter froze them),
+    with the loss and gradients of the unchecked run; the new modules get gradients, frozen parameters none."""
+    tester = TESTERS[arch]
+    losses, grads, calls = [], [], []
+    for checkpointing in (False, True):
+        model = no_dropout(tester.trained()).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        count = []
+        tester.gpt2(model).transformer.h[0].attn.register_forward_hook(lambda *args: count.append(1))
+        torch.manual_seed(0)  # the bridge's training noise: the same draws in both runs (checkpointing replays them)
+        loss = model(**tester.train_batch()).loss
+        loss.backward()
+        losses.append(loss.detach())
+        calls.append(len(count))
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert calls == [1, 2]
+    torch.testing.assert_close(losses[1], losses[0])
+    assert grads[0].keys() == grads[1].keys() and not frozen & grads[0].keys()
+    assert any(re.search(NEW_MODULE_PATTERNS[arch], name) for name in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name])
+
+
+@pytest.mark.parametrize("arch", TESTERS)
+def test_model_built_from_a_config_is_initialised_as_gpt2(arch):
+    tester = TESTERS[arch]
+    assert_gpt2_init(tester.from_config, tester.gpt2_root)
+
+
+@pytest.mark.parametrize("arch", TESTERS)
+def test_model_built_from_a_config_computes_gpt2_with_gpt2s_weights(arch):
+    """_init_weights starts the new modules at identity: given a stock GPT-2's weights (BSBR: one chunk holds the
+    input), a model built from a config computes what that GPT-2 computes (real positions of a left-padded batch;
+    Bridged: the decoder, whatever the encoder reads)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tester = TESTERS[arch]
+    fields = dict(TINY, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    stock = GPT2LMHeadModel(GPT2Config(**fields)).eval()
+    model = tester.from_config(**fields).eval()
+    weights = {tester.gpt2_root + key: value for key, value in stock.state_dict().items()}
+    assert not model.load_state_dict(weights, strict=False).unexpected_keys
+    inputs = tester.inputs()
+    ids = inputs.get("decoder_input_ids", inputs["input_ids"])
+    mask = inputs["attention_mask"] if "decoder_input_ids" not in inputs else torch.ones_like(ids)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    if "decoder_input_ids" not in inputs:
+        inputs["position_ids"] = positions
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = model(**inputs).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real])
+
+
+# Bridged's decoder is transformers' own GPT2LMHeadModel (with cross-attention), which checks no length: a too-long
+# decoder input reaches its position table and fails there ("IndexError: index out of range in self").
+BRIDGE_LENGTH_UNCHECKED = pytest.mark.xfail(strict=True, raises=IndexError, reason="Bridged's decoder is stock GPT-2, "
+                                            "which indexes its position table without checking the length")
+
+
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=BRIDGE_LENGTH_UNCHECKED) if arch == "bridge" else arch
+                                  for arch in TESTERS])
+def test_input_longer_than_n_positions_is_refused(arch):
+    """A converted model refuses an input longer than GPT-2's position table, and a step that would run past it
+    after a cache, naming both lengths."""
+    tester = TESTERS[arch]
+    model, _ = tester.convert()
+    n = tester.gpt2(model).config.n_positions
+
+    def tokens(length):
+        ids = torch.zeros(1, length, dtype=torch.long)
+        return dict(tester.source(1), decoder_input_ids=ids) if tester.seq2seq else dict(input_ids=ids)
+
+    with pytest.raises(ValueError, match=f"longer than n_positions={n}"):
+        model(**tokens(n + 1))
+    cache = model(**tokens(n - 8), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=rf"{n - 8} cached \+ 9 new"):
+        model(**tokens(9), past_key_values=cache)

@@ -163,18 +163,20 @@ def is_remote_code(model):
     return type(model).__module__.startswith("transformers_modules.")
 
 
-def assert_gpt2_init(model_class, config_class, **config):
-    """A model built from its config (no checkpoint) initialises GPT-2's parameters as stock GPT-2 does: each
-    shared parameter's std within 10% of stock's (residual projections c_proj at std / sqrt(2 * n_layer))."""
+def assert_gpt2_init(build, gpt2_root=""):
+    """A model built from its config (no checkpoint) by `build(**gpt2_fields)` initialises GPT-2's parameters (under
+    gpt2_root in its names) as stock GPT-2 does: each shared parameter's std within 10% of stock's (residual
+    projections c_proj at std / sqrt(2 * n_layer))."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = dict(dict(n_layer=8, n_embd=128, n_head=4, vocab_size=1000, bos_token_id=0, eos_token_id=0), **config)
+    config = dict(n_layer=8, n_embd=128, n_head=4, vocab_size=1000, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
-    model, stock = model_class(config_class(**config)), GPT2LMHeadModel(GPT2Config(**config))
+    model, stock = build(**config), GPT2LMHeadModel(GPT2Config(**config))
     ours = dict(model.named_parameters())
     for name, param in stock.named_parameters():
         if name.endswith(".weight") and param.ndim == 2:
-            assert abs(ours[name].std() / param.std() - 1) < 0.1, (name, ours[name].std().item(), param.std().item())
+            mine = ours[gpt2_root + name]
+            assert abs(mine.std() / param.std() - 1) < 0.1, (name, mine.std().item(), param.std().item())
 
 
 @contextlib.contextmanager
