@@ -338,29 +338,22 @@ def print_table(results):
 
 
 def main(argv=None):
+    from graftlm.configuration.configuration_dfa import DFAConfig
+    from graftlm.train_dfa import GATE_LEARNING_RATE
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--base", type=dfa_allocation.base_setting, nargs="*", default=[],
-                        help="offline base settings KEY=VALUE (experiments/offline_base.py DEFAULTS)")
-    parser.add_argument("--output-dir", type=Path, default=Path("bench/results/dfa_pruning"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of both models")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--mask-sparsity-weight", type=float, default=0.1, help="DFA's option (shipped: 0.1)")
-    parser.add_argument("--gate-learning-rate", type=float, default=1e-2,
-                        help="`graftlm train dfa --gate-learning-rate` (gates and masks; shipped: 1e-2)")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 1.0],
-                        help="prune() thresholds (the shipped mask_threshold is 0.1)")
-    parser.add_argument("--train-chars", type=int, default=2_000_000, help="characters of training documents")
-    parser.add_argument("--eval-docs", type=int, default=32, help="held-out documents scored")
-    parser.add_argument("--doc-tokens", type=int, default=1024, help="tokens scored per held-out document (its start)")
+    dfa_allocation.add_arguments(parser, "dfa_pruning")
+    parser.add_argument("--mask-sparsity-weight", type=float, default=DFAConfig.mask_sparsity_weight,
+                        help="DFA's option (default: the shipped one)")
+    parser.add_argument("--gate-learning-rate", type=float, default=GATE_LEARNING_RATE,
+                        help="`graftlm train dfa --gate-learning-rate` (gates and masks; default: the shipped one)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[DFAConfig.mask_threshold, 0.5, 0.7, 0.8, 0.9, 1.0],
+                        help="prune() thresholds (the first default is the shipped mask_threshold)")
     parser.add_argument("--calibration-windows", type=int, default=32, help="training windows for head importance")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prefill length of the latency prompt")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     parser.add_argument("--repeats", type=int, default=30, help="timed latency rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (latency is measured on these)")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = parser.parse_args(argv)
     args.base = dict(args.base)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
