@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from graftlm.modeling.hf_compat import cache_kwargs, cache_of
 from testing_utils import tiny_gpt2_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -62,7 +63,7 @@ def test_removing_heads_equals_zeroing_their_gates_and_keeps_the_cache_exact(sto
             handle.remove()
         full = pruned(input_ids=ids).logits
         prefix = pruned(input_ids=ids[:, :-1], use_cache=True)
-        step = pruned(input_ids=ids[:, -1:], past_key_values=prefix.past_key_values).logits
+        step = pruned(input_ids=ids[:, -1:], **cache_kwargs(cache_of(prefix))).logits
     torch.testing.assert_close(full, reference)
     torch.testing.assert_close(step[:, -1], full[:, -1])
     per_head = 3 * 8 * 33 + 8 * 32  # c_attn columns (q, k, v) with biases, c_proj rows: head_dim 8, n_embd 32
