@@ -11,7 +11,7 @@ Measured on held-out documents (whole documents the base never saw):
   against the stock base's surprisal of the token that position predicts: Spearman's rho, with a 95% bootstrap
   interval over documents, beside a shuffled-gate control (the same gate values permuted across positions).
   The claim predicts rho > 0 (harder predictions draw more heads).
-Not measured here (yet): perplexity against latency after prune() versus head-importance pruning at equal size.
+Perplexity against latency after prune() versus head-importance pruning at equal size: experiments/dfa_pruning.py.
 
 Writes dfa_allocation.json and dfa_allocation.png, prints the table and the command line.
 
@@ -247,11 +247,12 @@ def base_setting(text):
     return key, type(offline_base.DEFAULTS[key])(value)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+def add_arguments(parser, name):
+    """The base, the two fine-tunings, the held-out scoring and the bootstrap (experiments/dfa_pruning.py shares them);
+    results go to bench/results/<name> by default."""
     parser.add_argument("--base", type=base_setting, nargs="*", default=[],
                         help="offline base settings KEY=VALUE (experiments/offline_base.py DEFAULTS)")
-    parser.add_argument("--output-dir", type=Path, default=Path("bench/results/dfa_allocation"))
+    parser.add_argument("--output-dir", type=Path, default=Path("bench/results") / name)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of both models")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -261,6 +262,11 @@ def main(argv=None):
     parser.add_argument("--eval-docs", type=int, default=32, help="held-out documents scored")
     parser.add_argument("--doc-tokens", type=int, default=1024, help="tokens scored per held-out document (its start)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    add_arguments(parser, "dfa_allocation")
     args = parser.parse_args(argv)
     args.base = dict(args.base)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
