@@ -73,3 +73,62 @@ def test_no_import_circle_and_nothing_imports_the_cli():
     assert "graftlm.registry" in graph["graftlm.cli"] and "graftlm.convert" in graph["graftlm.demo"]  # the parser sees them
     assert circles(graph) == [], [" -> ".join(circle) for circle in circles(graph)]
     assert [name for name, targets in graph.items() if "graftlm.cli" in targets] == []
+
+
+# ----- a fifth architecture touches only its own slot files, one registry row and one card template -----
+
+
+def architecture_names():
+    from graftlm import registry
+
+    return set(registry.names())
+
+
+def named_architectures(path, archs):
+    """{architecture: first line} of the architectures a library file names: as a string constant equal to its name
+    ("dfa"), or by importing one of its slot modules (a module whose name has the architecture as a `_`-separated
+    part: modeling_dfa, conversion.dfa, train_dfa, bsbr_cache), directly or as a "graftlm...." module-path string."""
+
+    def module_archs(module):
+        return archs & set(module.rpartition(".")[2].split("_"))
+
+    found = {}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        named = set()
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            named = {node.value} & archs if not node.value.startswith("graftlm.") else module_archs(node.value)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+            named = {arch for module in modules for arch in module_archs(module)}
+        for arch in named:
+            found[arch] = min(found.get(arch, node.lineno), node.lineno)
+    return found
+
+
+def architecture_tables(root=ROOT):
+    """'file:line: names dfa, bsbr' for every library file outside graftlm/registry.py that names architectures other
+    than its own: a slot file (one whose name has an architecture as a `_`-separated part) may name only its own; any
+    other file at most one (a feature of that architecture: DFA's pruning bench, the scaffold's chat). Two or more
+    make a table or an if/elif chain that a fifth architecture would have to extend."""
+    archs = architecture_names()
+    packages = {package: root / folder.relative_to(ROOT) for package, folder in PACKAGES.items()}
+    known = {}
+    for package, folder in packages.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            known.setdefault(".".join((package, *parts)).removesuffix(".__init__"), path)
+    problems = []
+    for name, path in sorted(known.items()):
+        if name == "graftlm.registry":
+            continue
+        own = archs & set(path.stem.split("_"))
+        found = named_architectures(path, archs)
+        others = {arch: line for arch, line in found.items() if arch not in own}
+        if len(others) > (0 if own else 1):
+            listed = ", ".join(f"{arch} (line {line})" for arch, line in sorted(others.items(), key=lambda x: x[1]))
+            problems.append(f"{path.relative_to(root)} names {listed}")
+    return problems
+
+
+def test_architectures_are_named_only_in_the_registry_and_their_own_slot_files():
+    assert architecture_tables() == []
