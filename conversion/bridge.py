@@ -29,6 +29,7 @@ from .common import (
     load_stock_bert,
     load_stock_gpt2,
     load_tokenizer,
+    modules_to_save,
     new_keys,
     probe_batch,
 )
@@ -165,6 +166,7 @@ def convert_bert_gpt2_to_bridge(encoder, decoder, **options):
     }
     report = ConversionReport(
         {"encoder": str(encoder), "decoder": str(decoder)}, {**OPTIONS, **options}, measurements, dict(NEW_MODULES),
+        modules_to_save(model),
         "encoder max |delta| = {encoder_max_abs_delta:.3g} vs stock BERT; decoder max |delta logits| = "
         "{decoder_max_abs_logit_delta:.3g} vs stock GPT-2",
         notes={"skipped_keys": SKIPPED_ENCODER_KEYS},

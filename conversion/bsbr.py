@@ -20,8 +20,8 @@ from ..configuration.configuration_bsbr import FEATURE_MAPS, BSBRConfig
 from ..export import source_name
 from ..modeling.modeling_bsbr import BSBRForCausalLM, block_average
 from .common import (ConversionError, ConversionReport, card_fields, card_metadata, check_option_names, config_errors,
-                     config_fields, copy_weights, load_stock_gpt2, load_tokenizer, max_logit_delta, new_keys,
-                     options_from_args, probe_batch)
+                     config_fields, copy_weights, load_stock_gpt2, load_tokenizer, max_logit_delta, modules_to_save,
+                     new_keys, options_from_args, probe_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def convert_gpt2_to_bsbr(base, **options):
         "num_parameters": model.num_parameters(),
     }
     report = ConversionReport(
-        {"base": str(base)}, report_options, measurements, dict(NEW_MODULES),
+        {"base": str(base)}, report_options, measurements, dict(NEW_MODULES), modules_to_save(model),
         "max |logits(GPT2-BSBR) - logits(GPT-2)| = {chunk_delta:.3g} within one chunk (n={chunk_probe_length}); "
         "{block_delta:.3g} against block-diagonal GPT-2 (n={block_probe_length})",
     )

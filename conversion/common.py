@@ -1,6 +1,7 @@
 """Shared by every converter: strict loading of stock checkpoints, literal weight copies, fidelity probes."""
 
 import contextlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -175,6 +176,7 @@ class ConversionReport:
     options: dict
     measurements: dict  # fidelity probes, their lengths, parameter counts
     new_modules: dict  # module pattern -> how it is initialised (the card's list)
+    modules_to_save: list  # peft's modules_to_save for the new modules (modules_to_save(model))
     summary_format: str  # str.format over the measurements
     notes: dict = field(default_factory=dict)  # anything else the card states (skipped keys, training status)
 
@@ -195,11 +197,12 @@ def card_metadata(report, pipeline_tag, tags, license="mit", **license_details):
 
 
 def card_fields(report, repo_id, **fields):
-    """A card's body fields that every template reads (options table rows, new-module bullets, parameter count,
-    repo id), then the architecture's own."""
+    """A card's body fields that every template may read (options table rows, new-module bullets, peft's
+    modules_to_save as a Python list, parameter count, repo id), then the architecture's own."""
     return {
         "options": "\n".join(f"| `{k}` | `{v}` |" for k, v in report.options.items()),
         "new_modules": "\n".join(f"- `{k}`: {v}" for k, v in report.new_modules.items()),
+        "modules_to_save": json.dumps(report.modules_to_save),
         "num_parameters": f"{report.num_parameters:,}",
         "repo_id": repo_id,
         **fields,
@@ -210,8 +213,9 @@ def card_fields(report, repo_id, **fields):
 
 
 def new_modules(model):
-    """Names of the modules the architecture adds to its stock checkpoints, as transformers' float32 lists name them."""
-    return [*model._keep_in_fp32_modules_strict, *model._new_modules_in_model_dtype]
+    """Names of the modules the architecture adds to its stock checkpoints, as transformers' float32 lists name them
+    (sorted: transformers keeps the strict list of an instance as a set)."""
+    return sorted({*model._keep_in_fp32_modules_strict, *model._new_modules_in_model_dtype})
 
 
 def new_keys(model):
@@ -224,7 +228,7 @@ def modules_to_save(model):
     """peft's modules_to_save for the new modules trained whole: the strict float32 list, a container (ModuleDict,
     ModuleList) replaced by its entries, since peft trains the copy of a module that forward() calls."""
     names = []
-    for name in model._keep_in_fp32_modules_strict:
+    for name in sorted(model._keep_in_fp32_modules_strict):  # an instance's strict list is a set
         module = getattr(model, name, None)
         if isinstance(module, (torch.nn.ModuleDict, torch.nn.ModuleList)):
             names += [f"{name}.{key}" for key, _ in module.named_children()]

@@ -2,8 +2,9 @@
 
 Every GPT-2 weight is copied under its own name; the only new parameters are, per layer, the head-gate
 projection `attn.c_gate` and the head-dimension mask logits `attn.dim_masks.{q,k,v}`, plus
-`transformer.entropy_balance.log_weight`. Each is a module, so peft's modules_to_save can train it. They start as the identity (zero gate logits -> g = 1, zero mask logits -> mask = 1), so the converted
-model computes what GPT-2 computed.
+`transformer.entropy_balance.log_weight`. Each is a module, so peft's modules_to_save can train it. They start as
+the identity (zero gate logits -> g = 1, zero mask logits -> mask = 1), so the converted model computes what GPT-2
+computed.
 """
 
 import logging
@@ -12,8 +13,8 @@ from ..configuration.configuration_dfa import DFAConfig
 from ..export import source_name
 from ..modeling.modeling_dfa import DFAForCausalLM
 from .common import (ConversionError, ConversionReport, card_fields, card_metadata, check_option_names, config_fields,
-                     copy_weights, load_stock_gpt2, load_tokenizer, max_logit_delta, new_keys, options_from_args,
-                     probe_batch)
+                     copy_weights, load_stock_gpt2, load_tokenizer, max_logit_delta, modules_to_save, new_keys,
+                     options_from_args, probe_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def convert_gpt2_to_dfa(base, **options):
     report = ConversionReport(
         {"base": str(base)}, {**OPTIONS, **options},
         {"max_abs_logit_delta": delta, "num_parameters": model.num_parameters()}, dict(NEW_MODULES),
+        modules_to_save(model),
         "max |logits(GPT2-DFA) - logits(GPT-2)| = {max_abs_logit_delta:.3g} on the probe batch",
     )
     return model, report

@@ -24,6 +24,7 @@ from .common import (
     load_stock_gpt2,
     load_tokenizer,
     max_logit_delta,
+    modules_to_save,
     new_keys,
     options_from_args,
     probe_batch,
@@ -94,19 +95,19 @@ def convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=(5, 7), **options
         raise ConversionError(
             f"the converted model differs from the base GPT-2 by {delta:.3g} (> {FIDELITY_TOLERANCE})"
         )
-    report = scaffold_report(base, scaffold, config.cross_attn_layers, {**OPTIONS, **options}, delta,
-                             model.num_parameters())
+    report = scaffold_report(base, scaffold, model, {**OPTIONS, **options}, delta)
     return model, report
 
 
-def scaffold_report(base, scaffold, cross_attn_layers, options, delta, num_parameters, training=UNTRAINED):
-    """The report of a conversion (or, with `training`, of a trained model's card): delta is max |logits - base
-    GPT-2 logits| with the scaffold's influence at 0."""
+def scaffold_report(base, scaffold, model, options, delta, training=UNTRAINED):
+    """The report on `model`, converted from `base` and `scaffold` (or, with `training`, trained: its card): delta is
+    max |logits - base GPT-2 logits| with the scaffold's influence at 0."""
     return ConversionReport(
         {"base": str(base), "scaffold": str(scaffold)}, options,
-        {"max_abs_logit_delta": delta, "num_parameters": num_parameters}, dict(NEW_MODULES),
+        {"max_abs_logit_delta": delta, "num_parameters": model.num_parameters()}, dict(NEW_MODULES),
+        modules_to_save(model),
         "max |logits(scaffolded) - logits(base GPT-2)| = {max_abs_logit_delta:.3g} on the probe batch",
-        notes={"cross_attn_layers": list(cross_attn_layers), "training": training},
+        notes={"cross_attn_layers": list(model.config.cross_attn_layers), "training": training},
     )
 
 
@@ -157,7 +158,8 @@ def add_arguments(parser):
 
 def example_arguments(gpt2, second_gpt2, bert, shape):
     """`graftlm convert scaffold` arguments for the stock checkpoints that the demo, bench and tests build."""
-    return ["--base", gpt2, "--scaffold", second_gpt2, "--cross-attn-layers", ",".join(map(str, shape["cross_attn_layers"]))]
+    layers = ",".join(map(str, shape["cross_attn_layers"]))
+    return ["--base", gpt2, "--scaffold", second_gpt2, "--cross-attn-layers", layers]
 
 
 def model_from_args(args):

@@ -615,6 +615,6 @@ def training_card(model, result, adapter, num_pairs, repo_id):
         f"{result.best_valid_loss:.4f}. Fuser gates tanh(gate): {model.gate_values()}. LoRA adapter: "
         + ("merged into the scaffold's weights." if adapter == "merged" else "kept apart in `scaffold_adapter/`.")
     )
-    report = scaffold_report(config.base_name_or_path, config.scaffold_name_or_path, config.cross_attn_layers,
-                             options, delta, model.num_parameters(), training=training)
+    report = scaffold_report(config.base_name_or_path, config.scaffold_name_or_path, model, options, delta,
+                             training=training)
     return model_card(report, repo_id)

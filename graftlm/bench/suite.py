@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .measure import (ARCHS, CONVERSION_TARGET_S, DECODE_TARGETS, PRUNED_DECODE_TARGET, SIZES, TRAIN_TIME_TARGETS, _stats,
-                      convert, convert_arguments, decode_rate, follow_live_tensors, forward_kwargs, peak_memory_mb, prune_half,
-                      save_checkpoints, time_runs, timed, train_step_fn, verdict)
+                      convert, convert_arguments, decode_rate, follow_live_tensors, forward_kwargs, peak_memory_mb,
+                      prune_half, save_checkpoints, time_runs, timed, train_step_fn, verdict)
 from .report import write_report
 
 logger = logging.getLogger(__name__)
