@@ -18,10 +18,11 @@ class Architecture:
     name: str  # the CLI name: `graftlm convert <name>`, `graftlm train <name>`
     label: str  # how reports and tables name it
     config_class: type
-    auto_classes: dict = field(default_factory=dict)  # {"AutoModelForCausalLM": ModelClass, ...}; the first generates
+    # {"AutoModelForCausalLM": ModelClass, ...}, with one CausalLM or Seq2SeqLM class: the one that generates
+    auto_classes: dict = field(default_factory=dict)
     converter: str = ""  # module with add_arguments, example_arguments, model_from_args, convert_from_args
     trainer: str = ""  # module with add_arguments(parser) and main(args)
-    decode_target: float = None  # `graftlm bench`: cached decoding tokens/s against stock GPT-2, at least
+    decode_target: float = None  # `graftlm bench`: decoding tokens/s against stock GPT-2, at least (None: report)
     train_time_target: float = None  # `graftlm bench`: training step time against stock GPT-2, at most (None: report)
 
     @property
