@@ -63,7 +63,7 @@ def graftlm(*argv):
 
 def train_arm(arm, base, data, folder, args, seed):
     """Convert (seeded init of the new modules) and train one arm; return the trained folder."""
-    import graftlm.train_bridge as train_bridge
+    from graftlm.training import bridge as train_bridge
 
     torch.manual_seed(seed)
     graftlm("convert", "bridge", "--encoder", minilm_dir(), "--decoder", base, *ARMS[arm],
@@ -89,7 +89,7 @@ def train_arm(arm, base, data, folder, args, seed):
 @torch.no_grad()
 def document_nll(folder, test, documents, max_source_length, blank_source=False):
     """(summed target NLL, target tokens) per document, in the order of `documents`."""
-    from graftlm.train_bridge import BridgeCollator, load_bridge
+    from graftlm.training.bridge import BridgeCollator, load_bridge
 
     model, source_tokenizer, target_tokenizer = load_bridge(folder)
     model.eval()

@@ -82,7 +82,7 @@ def sliding_window_attention(width):
 
 def retrieval_off(model):
     """Hold a BSBR model's retrieval gates at 0 and freeze every retrieval module: block-diagonal attention."""
-    from graftlm.train_bsbr import RETRIEVAL_PARAMETERS
+    from graftlm.training.bsbr import RETRIEVAL_PARAMETERS
 
     for block in model.transformer.h:
         block.attn.retrieval_gate.weight.data.zero_()
@@ -109,7 +109,7 @@ def fine_tune(model, train_set, args, seed):
     """`graftlm train bsbr`'s Trainer setup (graftlm.training) for any of the models; returns the logged losses."""
     from transformers import Trainer
 
-    from graftlm.training import loss_history, make_optimizer, trainer_arguments
+    from graftlm.training.common import loss_history, make_optimizer, trainer_arguments
 
     options = Namespace(max_steps=args.steps, batch_size=args.batch_size, grad_accum=1,
                         learning_rate=args.learning_rate, warmup_steps=10, logging_steps=10, bf16=False,
@@ -179,7 +179,7 @@ def publish(results, out, part, plot, show):
 def run_lm(args):
     from transformers import AutoTokenizer
 
-    from graftlm.training import split_blocks
+    from graftlm.training.data import split_blocks
 
     base = offline_base.base_checkpoint(**args.base)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -313,7 +313,7 @@ def copy_accuracy(model, ids, labels):
 def train_recall(name, distance, seed, args):
     """Accuracy curve [(step, accuracy)] of one model trained from scratch on the copy at `distance`, stopped early
     once two evaluations in a row reach --recall-stop-at."""
-    from graftlm.training import make_optimizer
+    from graftlm.training.common import make_optimizer
 
     torch.manual_seed(seed)
     model = recall_model(name, args).train()

@@ -55,7 +55,7 @@ def fine_tune_stock(stock_dir, text_file, output_dir, args):
     """The control: stock GPT-2 trained exactly as `graftlm train bsbr` trains the converted model."""
     from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer, TrainingArguments
 
-    from graftlm.train_bsbr import split_blocks
+    from graftlm.training.data import split_blocks
 
     model = GPT2LMHeadModel.from_pretrained(stock_dir)
     tokenizer = AutoTokenizer.from_pretrained(stock_dir)
@@ -94,7 +94,7 @@ def plot(results, path):
 
 
 def run(args):
-    from graftlm import train_bsbr
+    from graftlm.training import bsbr as train_bsbr
     from graftlm.conversion.bsbr import convert_gpt2_to_bsbr, model_card
     from graftlm.conversion.common import load_tokenizer
     from graftlm.offline import build_local_gpt2, offline_text

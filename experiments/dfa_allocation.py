@@ -47,7 +47,7 @@ def corpus_split(train_chars, eval_docs, doc_tokens, tokenizer):
 
 
 def training_args(base, text_file, output_dir, args, seed):
-    from graftlm import train_dfa
+    from graftlm.training import dfa as train_dfa
 
     parser = argparse.ArgumentParser()
     train_dfa.add_arguments(parser)
@@ -61,7 +61,8 @@ def fine_tune_plain(base, text_file, output_dir, train_args):
     """The control: the stock base under the same Trainer, data, steps and AdamW (no weight decay) as DFA."""
     from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer
 
-    from graftlm.training import make_optimizer, split_blocks, trainer_arguments
+    from graftlm.training.common import make_optimizer, trainer_arguments
+    from graftlm.training.data import split_blocks
 
     model = GPT2LMHeadModel.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -154,7 +155,7 @@ def plot(results, heads, surprisal, path):
 def run(args):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from graftlm import train_dfa
+    from graftlm.training import dfa as train_dfa
     from graftlm.conversion.dfa import convert_gpt2_to_dfa, model_card
     from graftlm.conversion.common import load_tokenizer
     from graftlm.export import export_model

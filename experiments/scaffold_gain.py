@@ -57,7 +57,7 @@ def prompt_pairs(rows):
 @torch.no_grad()
 def document_nll(model, tokenizer, pairs, documents, scaffold, batch_size=16, **forward):
     """(summed completion NLL, completion tokens) per document, in the order of `documents`."""
-    from graftlm.train_scaffold import TrainingOptions, collate_pairs, completion_loss_terms, encode_pair
+    from graftlm.training.scaffold import TrainingOptions, collate_pairs, completion_loss_terms, encode_pair
 
     max_length = TrainingOptions().max_length  # as training encodes them
     model.eval()
@@ -88,7 +88,7 @@ def train_lora_base(base, rank, tokenizer, train_pairs, valid_pairs, options):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
 
-    from graftlm.train_scaffold import collate_pairs, completion_loss_terms, encode_pair
+    from graftlm.training.scaffold import collate_pairs, completion_loss_terms, encode_pair
 
     set_seed(options.seed)
     model = get_peft_model(GPT2LMHeadModel.from_pretrained(base), LoraConfig(
@@ -143,7 +143,7 @@ def lora_rank_for(base, target):
 
 
 def train_scaffold_arm(base, layers, tokenizer, train_pairs, valid_pairs, options, arm, open_gate):
-    from graftlm.train_scaffold import train
+    from graftlm.training.scaffold import train
 
     model = convert(base, layers).add_lora()
     if arm == "fuser-only":
@@ -164,7 +164,7 @@ def train_scaffold_arm(base, layers, tokenizer, train_pairs, valid_pairs, option
 def run(args):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from graftlm.train_scaffold import TrainingOptions, split_pairs
+    from graftlm.training.scaffold import TrainingOptions, split_pairs
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -33,7 +33,7 @@ def add_arguments(parser):
 def chat(model, tokenizer, lines, write, *, train_pairs=None, valid_pairs=None, train_options=None,
          generate_kwargs=None, interactive=False):
     """Run the loop over `lines` (an iterator of input lines), writing with `write(text)`. Returns on quit/exit/EOF."""
-    from .train_scaffold import generate_answers, split_pairs, train
+    from .training.scaffold import generate_answers, split_pairs, train
 
     generate_kwargs = dict(generate_kwargs or {})
     if interactive:
@@ -60,7 +60,7 @@ def chat(model, tokenizer, lines, write, *, train_pairs=None, valid_pairs=None, 
 def main(args):
     import torch
 
-    from .train_scaffold import ScaffoldSession, TrainingOptions, load_pairs
+    from .training.scaffold import ScaffoldSession, TrainingOptions, load_pairs
 
     train_options = TrainingOptions(epochs=args.epochs, batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                                     samples_per_epoch=0)

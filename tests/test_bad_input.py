@@ -563,7 +563,7 @@ def test_api_output_folder_may_not_hold_an_input(tmp_path):
 
 
 def test_api_checkpoint_loader_names_the_damaged_checkpoint(two_checkpoints, tmp_path):
-    from graftlm.train_scaffold import load_checkpoint
+    from graftlm.training.scaffold import load_checkpoint
 
     checkpoints = copy(two_checkpoints, tmp_path / "checkpoints")
     assert load_checkpoint(checkpoints / "checkpoint-epoch-2")["state"]["epoch"] == 2

@@ -15,7 +15,7 @@ from graftlm.conversion.common import ConversionError, load_stock_bert, load_tok
 from graftlm.modeling.bridge_decoding import AdaptiveLogitsProcessor, soft_top_k_log_probs
 from graftlm.modeling.bridge_layers import GABridge, PopulationBridge
 from graftlm.modeling.modeling_bridge import BridgeForConditionalGeneration, shift_tokens_right
-from graftlm.train_bridge import BridgeCollator, load_bridge, load_pairs, tokenize_pairs
+from graftlm.training.bridge import BridgeCollator, load_bridge, load_pairs, tokenize_pairs
 
 EOS = 50256
 # (bridge options, description): every bridge kind and the seeds' options.

@@ -43,7 +43,7 @@ def test_sliding_window_reads_only_the_last_width_tokens():
 def test_retrieval_off_stays_block_diagonal_under_training():
     from graftlm.configuration.configuration_bsbr import BSBRConfig
     from graftlm.modeling.modeling_bsbr import BSBRForCausalLM
-    from graftlm.training import make_optimizer
+    from graftlm.training.common import make_optimizer
 
     torch.manual_seed(0)
     chunk = 4

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 import graftlm  # noqa: F401  registers the architectures
 from graftlm import cli
-from graftlm import train_scaffold as ts
+from graftlm.training import scaffold as ts
 from graftlm.chat import chat
 from graftlm.conversion.common import ConversionError, probe_batch
 from graftlm.conversion.scaffold import convert_gpt2_to_scaffold, model_card

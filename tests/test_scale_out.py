@@ -135,7 +135,7 @@ def test_check_launch(monkeypatch):
 
     from accelerate.utils import DistributedType
 
-    from graftlm.training import check_launch
+    from graftlm.training.common import check_launch
 
     def state(kind, processes):
         return SimpleNamespace(distributed_type=kind, num_processes=processes, device=torch.device("cpu"))
@@ -165,7 +165,7 @@ def test_train_commands_export_the_gathered_model_of_a_sharded_run(matrix_export
     from accelerate.utils import DistributedType
     from transformers import AutoModelForCausalLM
 
-    from graftlm.training import whole_model
+    from graftlm.training.common import whole_model
 
     sharded = AutoModelForCausalLM.from_pretrained(matrix_exports["dfa"], dtype=torch.float32)
     full = AutoModelForCausalLM.from_pretrained(matrix_exports["dfa"], dtype=torch.float32)
@@ -201,7 +201,7 @@ def test_train_scaffold_refuses_launches_that_shard_its_parameters():
 
     from accelerate.utils import DistributedType
 
-    from graftlm.train_scaffold import check_parameters_whole
+    from graftlm.training.scaffold import check_parameters_whole
 
     def accelerator(kind, stage=None):
         plugin = SimpleNamespace(zero_stage=stage) if stage else None

@@ -1,41 +1,18 @@
-"""Pieces the Trainer-based training commands share (`graftlm train dfa`, `graftlm train bsbr`, `graftlm train bridge`):
-token windows of a text file, the common command-line options, the optimizer with per-module learning rates, the
-per-step losses they write as JSON, and the trained model's export with its card (and upload)."""
+"""Pieces the training commands share: the common command-line options, the optimizer with per-module learning rates
+and the TrainingArguments of the Trainer-based ones (`graftlm train dfa`, `bsbr`, `bridge`), the launch checks, the
+trained model gathered whole, the per-step losses they write as JSON, the trained model's export with its card (and
+upload), and the `python -m graftlm.train_<arch>` aliases."""
 
+import argparse
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-from .inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
-
-
-class TokenBlocks(torch.utils.data.Dataset):
-    """Consecutive, non-overlapping windows of `seq_len` tokens; labels are the inputs (the model shifts them)."""
-
-    def __init__(self, ids, seq_len):
-        self.blocks = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
-
-    def __len__(self):
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i):
-        block = self.blocks[i]
-        return {"input_ids": block, "attention_mask": torch.ones_like(block), "labels": block}
-
-
-def split_blocks(ids, seq_len, eval_fraction):
-    """(train, eval) TokenBlocks: the last `eval_fraction` of the tokens is held out."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    cut = int(ids.numel() * (1.0 - eval_fraction))
-    train, held_out = TokenBlocks(ids[:cut], seq_len), TokenBlocks(ids[cut:], seq_len)
-    if len(train) == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens: too few for one training window of {seq_len}")
-    if eval_fraction > 0 and len(held_out) == 0:
-        raise ValueError(f"the held-out {eval_fraction:.0%} of the text is shorter than one window of {seq_len} tokens")
-    return train, held_out
+from ..inputs import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, bounded
 
 
 def make_optimizer(model, learning_rate, own_learning_rates, weight_decay=0.01):
@@ -56,27 +33,31 @@ def make_optimizer(model, learning_rate, own_learning_rates, weight_decay=0.01):
 
 def add_text_training_arguments(parser, model_help, max_steps=200, learning_rate=3e-4):
     """Options of the causal-LM text commands (train dfa, train bsbr); each adds its own beside these."""
-    from .export import add_hub_arguments
-
     parser.add_argument("--model", required=True, help=model_help)
-    parser.add_argument("--text", required=True, help="UTF-8 training text file")
+    parser.add_argument("--text", required=True, help="UTF-8 training text file, or a .jsonl file (see --text-field)")
+    parser.add_argument("--text-field", default="text", help="field holding the text when --text is a .jsonl file")
+    parser.add_argument("--eval-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1,
+                        help="share of the text held out for evaluation")
+    add_trainer_arguments(parser, max_steps=max_steps, batch_size=4, learning_rate=learning_rate, warmup_steps=10,
+                          unit="windows")
+
+
+def add_trainer_arguments(parser, max_steps, batch_size, learning_rate, warmup_steps, unit):
+    """Options of every Trainer-based command (train dfa, bsbr, bridge), read by trainer_arguments and
+    export_trained; `unit` names what a batch holds ("windows", "pairs")."""
+    from ..export import add_hub_arguments
+
     parser.add_argument("--output-dir", required=True, help="folder for the trained, exported model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     add_hub_arguments(parser)
     parser.add_argument("--max-steps", type=POSITIVE_INT, default=max_steps)
-    parser.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="windows per device and step")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size, help=f"{unit} per device and step")
     parser.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
     parser.add_argument("--learning-rate", type=POSITIVE, default=learning_rate)
-    parser.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=10)
-    parser.add_argument("--eval-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1,
-                        help="share of the text held out for evaluation")
+    parser.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=warmup_steps)
     parser.add_argument("--logging-steps", type=POSITIVE_INT, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true", help="load through the folder's own code")
-    add_trainer_options(parser)
-
-
-def add_trainer_options(parser):
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPUs and GPUs that support it)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass to save memory")
@@ -160,7 +141,7 @@ def loss_history(trainer):
 def export_trained(trainer, model, args, tokenizers, metrics, metrics_name="training_metrics.json"):
     """On the main process only (the others return None): export the trained model to --output-dir with its card and
     `metrics` as JSON beside it, print them, upload with --push-to-hub, and return the folder."""
-    from .export import export_model, push_from_args
+    from ..export import export_model, push_from_args
 
     if not trainer.is_world_process_zero():
         return None
@@ -196,8 +177,8 @@ def training_card(model, args, metrics, metrics_name):
     """(template, metadata, fields) of the card of a model trained by `graftlm train dfa|bsbr|bridge`: the run's
     figures; `base_model` is the Hub id of the model it was trained from (a local folder has none and is named in the
     body), and the licence is that model card's."""
-    from . import registry
-    from .export import hub_ids, source_name
+    from .. import registry
+    from ..export import hub_ids, source_name
 
     source = args.model
     card = source_card_metadata(source)
@@ -233,3 +214,18 @@ def training_card(model, args, metrics, metrics_name):
                     if card.get("license") else "not stated in its card"),
     }
     return "trained", metadata, fields
+
+
+def command_alias(name, prog, command):
+    """The body of graftlm/train_<arch>.py, the module path the README gives for `python -m` and `accelerate launch
+    -m`: run as a script (`name` is "__main__"), it runs `command` (a module with add_arguments and main) as program
+    `prog`; imported, it puts `command` itself in its place in sys.modules, so that `from graftlm.train_<arch> import
+    X` and `import graftlm.train_<arch>` give the very objects of graftlm.training.<arch>."""
+    if name != "__main__":
+        sys.modules[name] = command
+        return
+    parser = argparse.ArgumentParser(prog=prog, description=command.__doc__.splitlines()[0], allow_abbrev=False)
+    command.add_arguments(parser)
+    logging.basicConfig(level=logging.INFO)
+    command.main(parser.parse_args())
+    sys.exit(0)
