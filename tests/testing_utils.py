@@ -84,7 +84,7 @@ def build_matrix_export(arch, root, open_modules=True):
 
     root = Path(root)
     base = save_tiny_gpt2(root / "base", n_embd=MATRIX_WIDTH)
-    second = save_tiny_gpt2(root / "second", seed=1, n_embd=MATRIX_WIDTH)
+    second = save_tiny_gpt2(root / "scaffold", seed=1, n_embd=MATRIX_WIDTH)  # tests read it as root/scaffold
     model, tokenizers, _, _ = converted(arch, example_arguments(arch, base, second, minilm_dir(), MATRIX_SHAPE))
     if open_modules:
         open_new_modules(model, arch)
