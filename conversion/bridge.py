@@ -9,18 +9,19 @@ on the same decoder input, whatever the encoder input; the conversion measures b
 
 import copy
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig, GPT2Config
 
 from ..configuration.configuration_bridge import BRIDGE_TYPES, BridgeConfig
-from ..export import hub_ids, source_name
+from ..export import source_name
 from ..modeling.modeling_bridge import BridgeForConditionalGeneration
 from ..modeling.pipeline_bridge import CUSTOM_PIPELINES, ENCODER_TOKENIZER_SUBFOLDER
 from .common import (
     ConversionError,
-    card_tables,
+    ConversionReport,
+    card_fields,
+    card_metadata,
     check_option_names,
     config_errors,
     config_fields,
@@ -28,6 +29,8 @@ from .common import (
     load_stock_bert,
     load_stock_gpt2,
     load_tokenizer,
+    modules_to_save,
+    new_keys,
     probe_batch,
 )
 
@@ -68,25 +71,6 @@ NEW_MODULES = {
     "decoder.transformer.h.*.crossattention.c_proj": "zero: cross-attention adds nothing at conversion",
     "decoder.transformer.h.*.ln_cross_attn": "LayerNorm (1, 0)",
 }
-_NEW_PREFIXES = ("bridge.", "controls.")
-_NEW_INFIXES = (".crossattention.", ".ln_cross_attn.")
-
-
-@dataclass
-class ConversionReport:
-    encoder: str
-    decoder: str
-    options: dict
-    encoder_max_abs_delta: float  # |BERT states (converted) - BERT states (stock)| on a padded probe batch
-    decoder_max_abs_logit_delta: float  # |decoder logits (converted, any encoder input) - stock GPT-2 logits|
-    num_parameters: int
-    num_new_parameters: int
-    new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
-    skipped_keys: tuple = SKIPPED_ENCODER_KEYS
-
-    def summary(self):
-        return (f"encoder max |delta| = {self.encoder_max_abs_delta:.3g} vs stock BERT; decoder max |delta logits| = "
-                f"{self.decoder_max_abs_logit_delta:.3g} vs stock GPT-2")
 
 
 def check_options(options):
@@ -160,8 +144,8 @@ def convert_bert_gpt2_to_bridge(encoder, decoder, **options):
     bert_state = {k: v for k, v in bert.state_dict().items() if k not in SKIPPED_ENCODER_KEYS}
     source = {f"encoder.{k}": v for k, v in bert_state.items()}
     source.update({f"decoder.{k}": v for k, v in gpt2.state_dict().items()})
-    new_keys = [k for k in model.state_dict() if k.startswith(_NEW_PREFIXES) or any(s in k for s in _NEW_INFIXES)]
-    copy_weights(model, source, {key: key for key in source}, new_keys)
+    added = new_keys(model)
+    copy_weights(model, source, {key: key for key in source}, added)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id,
         bos_token_id=config.bos_token_id,
@@ -174,45 +158,40 @@ def convert_bert_gpt2_to_bridge(encoder, decoder, **options):
     logger.info("converted %s + %s: max |encoder delta| = %.3g, max |decoder logit delta| = %.3g",
                 encoder, decoder, encoder_delta, decoder_delta)
     state = model.state_dict()
+    measurements = {
+        "encoder_max_abs_delta": encoder_delta,  # |BERT states (converted) - BERT states (stock)|, padded probe batch
+        "decoder_max_abs_logit_delta": decoder_delta,  # |decoder logits (any encoder input) - stock GPT-2 logits|
+        "num_parameters": model.num_parameters(),
+        "num_new_parameters": sum(state[k].numel() for k in added if state[k].is_floating_point()),
+    }
     report = ConversionReport(
-        encoder=str(encoder),
-        decoder=str(decoder),
-        options={**OPTIONS, **options},
-        encoder_max_abs_delta=encoder_delta,
-        decoder_max_abs_logit_delta=decoder_delta,
-        num_parameters=model.num_parameters(),
-        num_new_parameters=sum(state[k].numel() for k in new_keys if state[k].is_floating_point()),
+        {"encoder": str(encoder), "decoder": str(decoder)}, {**OPTIONS, **options}, measurements, dict(NEW_MODULES),
+        modules_to_save(model),
+        "encoder max |delta| = {encoder_max_abs_delta:.3g} vs stock BERT; decoder max |delta logits| = "
+        "{decoder_max_abs_logit_delta:.3g} vs stock GPT-2",
+        notes={"skipped_keys": SKIPPED_ENCODER_KEYS},
     )
     return model, report
 
 
 def model_card(report, repo_id):
-    options, new_modules = card_tables(report)
-    metadata = {
-        "library_name": "transformers",
-        "base_model": hub_ids(report.encoder, report.decoder),
-        # The weights combine two checkpoints (e.g. BERT: Apache-2.0, GPT-2: MIT), so both licences apply; the
-        # converter cannot read them offline. `graftlm convert ... --license ID` states the one to publish under.
-        "license": "other",
-        "license_name": "encoder-and-decoder-licences",
-        "license_link": "README.md#licence",  # the card's Licence section, which names both sources
-        "pipeline_tag": "text2text-generation",
-        "tags": ["graftlm", "bert-gpt2-bridge", "bert", "gpt2", "encoder-decoder", "custom_code"],
-    }
-    fields = {
-        "encoder": source_name(report.encoder),
-        "decoder": source_name(report.decoder),
-        "bridge_type": report.options["bridge_type"],
-        "options": options,
-        "encoder_fidelity": f"{report.encoder_max_abs_delta:.3g}",
-        "decoder_fidelity": f"{report.decoder_max_abs_logit_delta:.3g}",
-        "num_parameters": f"{report.num_parameters:,}",
-        "num_new_parameters": f"{report.num_new_parameters:,}",
-        "new_modules": new_modules,
-        "skipped_keys": ", ".join(f"`{k}`" for k in report.skipped_keys),
-        "encoder_tokenizer": ENCODER_TOKENIZER_SUBFOLDER,
-        "repo_id": repo_id,
-    }
+    # The weights combine two checkpoints (e.g. BERT: Apache-2.0, GPT-2: MIT), so both licences apply; the converter
+    # cannot read them offline. `graftlm convert ... --license ID` states the one to publish under. The link is the
+    # card's Licence section, which names both sources.
+    metadata = card_metadata(report, "text2text-generation", ["bert-gpt2-bridge", "bert", "gpt2", "encoder-decoder"],
+                             license="other", license_name="encoder-and-decoder-licences",
+                             license_link="README.md#licence")
+    fields = card_fields(
+        report, repo_id,
+        encoder=source_name(report.encoder),
+        decoder=source_name(report.decoder),
+        bridge_type=report.options["bridge_type"],
+        encoder_fidelity=f"{report.encoder_max_abs_delta:.3g}",
+        decoder_fidelity=f"{report.decoder_max_abs_logit_delta:.3g}",
+        num_new_parameters=f"{report.num_new_parameters:,}",
+        skipped_keys=", ".join(f"`{k}`" for k in report.skipped_keys),
+        encoder_tokenizer=ENCODER_TOKENIZER_SUBFOLDER,
+    )
     return "bridge", metadata, fields
 
 
@@ -250,13 +229,22 @@ def options_from_args(args):
     return options
 
 
+def example_arguments(gpt2, second_gpt2, bert, shape):
+    """`graftlm convert bridge` arguments for the stock checkpoints that the demo, bench and tests build."""
+    return ["--encoder", bert, "--decoder", gpt2, "--bridge", "ga", *(["--controls"] if shape["controls"] else [])]
+
+
+def model_from_args(args):
+    """(model, report) from parsed arguments: the conversion without tokenizers or export."""
+    return convert_bert_gpt2_to_bridge(args.encoder, args.decoder, **options_from_args(args))
+
+
 def convert_from_args(args):
     """CLI entry: returns (model, tokenizers, card builder, report) for the shared export step."""
-    options = options_from_args(args)
-    check_options(options)
+    check_options(options_from_args(args))  # before reading the tokenizers
     decoder_tokenizer = load_tokenizer(args.decoder)
     encoder_tokenizer = load_tokenizer(args.encoder)
-    model, report = convert_bert_gpt2_to_bridge(args.encoder, args.decoder, **options)
+    model, report = model_from_args(args)
     if decoder_tokenizer.pad_token is None:  # GPT-2 has none; the model pads with eos, so the tokenizer does too
         decoder_tokenizer.pad_token = decoder_tokenizer.eos_token
     tokenizers = {"": decoder_tokenizer, ENCODER_TOKENIZER_SUBFOLDER: encoder_tokenizer}

@@ -13,15 +13,15 @@ tiled), as Longformer initialised its longer position table (Beltagy et al. 2020
 """
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
 from ..configuration.configuration_bsbr import FEATURE_MAPS, BSBRConfig
-from ..export import hub_ids, source_name
+from ..export import source_name
 from ..modeling.modeling_bsbr import BSBRForCausalLM, block_average
-from .common import (ConversionError, card_tables, check_option_names, config_errors, config_fields, copy_weights,
-                     load_stock_gpt2, max_logit_delta, options_from_args, probe_batch)
+from .common import (ConversionError, ConversionReport, card_fields, card_metadata, check_option_names, config_errors,
+                     config_fields, copy_weights, load_stock_gpt2, load_tokenizer, max_logit_delta, modules_to_save,
+                     new_keys, options_from_args, probe_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -33,31 +33,7 @@ NEW_MODULES = {
     "transformer.h.*.attn.compress_proj": "(compression_factor c > 1 only) head_dim -> head_dim / c projection of "
     "keys and queries before phi, initialised to average each run of c consecutive dimensions",
 }
-_NEW_SUFFIXES = (
-    ".attn.meta_r_proj.weight", ".attn.meta_r_proj.bias", ".attn.meta_h_proj.weight", ".attn.meta_h_proj.bias",
-    ".attn.retrieval_gate.weight", ".attn.compress_proj.weight",
-)
-# GPT2Config fields that are bookkeeping rather than architecture.
 FIDELITY_LIMIT = 1e-3  # a larger delta within one chunk means the conversion is wrong, not merely imprecise
-
-
-@dataclass
-class ConversionReport:
-    base: str
-    options: dict
-    chunk_delta: float  # max |logits - GPT-2 logits| on a left-padded batch no longer than chunk_size
-    chunk_probe_length: int
-    block_delta: float  # max |logits - block-diagonal GPT-2 logits| across several chunks
-    block_probe_length: int
-    base_n_positions: int
-    n_positions: int
-    num_parameters: int
-    new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
-
-    def summary(self):
-        return (f"max |logits(GPT2-BSBR) - logits(GPT-2)| = {self.chunk_delta:.3g} within one chunk "
-                f"(n={self.chunk_probe_length}); {self.block_delta:.3g} against block-diagonal GPT-2 "
-                f"(n={self.block_probe_length})")
 
 
 def _check_options(options):
@@ -143,8 +119,7 @@ def convert_gpt2_to_bsbr(base, **options):
     base_n_positions = stock.config.n_positions
     if config.n_positions != base_n_positions:
         source["transformer.wpe.weight"] = tiled_positions(source["transformer.wpe.weight"], config.n_positions)
-    new_keys = [k for k in model.state_dict() if k.endswith(_NEW_SUFFIXES)]
-    copy_weights(model, source, {key: key for key in source}, new_keys)
+    copy_weights(model, source, {key: key for key in source}, new_keys(model))
     init_new_modules(model)
     model.generation_config = stock.generation_config
     model.eval()
@@ -158,8 +133,20 @@ def convert_gpt2_to_bsbr(base, **options):
             f"{block_delta:.3g} against block-diagonal GPT-2 (limit {FIDELITY_LIMIT})"
         )
     report_options = {**OPTIONS, **options, "n_positions": config.n_positions}
-    report = ConversionReport(str(base), report_options, chunk_delta, short, block_delta, long, base_n_positions,
-                              config.n_positions, model.num_parameters())
+    measurements = {
+        "chunk_delta": chunk_delta,  # max |logits - GPT-2 logits| on a left-padded batch no longer than chunk_size
+        "chunk_probe_length": short,
+        "block_delta": block_delta,  # max |logits - block-diagonal GPT-2 logits| across several chunks
+        "block_probe_length": long,
+        "base_n_positions": base_n_positions,
+        "n_positions": config.n_positions,
+        "num_parameters": model.num_parameters(),
+    }
+    report = ConversionReport(
+        {"base": str(base)}, report_options, measurements, dict(NEW_MODULES), modules_to_save(model),
+        "max |logits(GPT2-BSBR) - logits(GPT-2)| = {chunk_delta:.3g} within one chunk (n={chunk_probe_length}); "
+        "{block_delta:.3g} against block-diagonal GPT-2 (n={block_probe_length})",
+    )
     return model, report
 
 
@@ -191,7 +178,6 @@ def state_sizes(config):
 
 
 def model_card(report, repo_id, config):
-    options, new_modules = card_tables(report)
     sizes = state_sizes(config)
     if report.n_positions > report.base_n_positions:
         positions = (f"raised from {report.base_n_positions} to {report.n_positions}: position p >= "
@@ -199,32 +185,23 @@ def model_card(report, repo_id, config):
                      "(the learned table tiled, as Longformer did, arXiv:2004.05150 section 5)")
     else:
         positions = f"{report.n_positions}, GPT-2's learned table unchanged"
-    metadata = {
-        "library_name": "transformers",
-        "base_model": hub_ids(report.base),
-        "license": "mit",
-        "pipeline_tag": "text-generation",
-        "tags": ["graftlm", "gpt2-bsbr", "gpt2", "long-context", "custom_code"],
-    }
-    fields = {
-        "base": source_name(report.base),
-        "options": options,
-        "chunk_delta": f"{report.chunk_delta:.3g}",
-        "chunk_probe_length": report.chunk_probe_length,
-        "block_delta": f"{report.block_delta:.3g}",
-        "block_probe_length": report.block_probe_length,
-        "num_parameters": f"{report.num_parameters:,}",
-        "new_modules": new_modules,
-        "positions": positions,
-        "chunk_size": config.chunk_size,
-        "head_dim": config.head_dim,
-        "state_dim": config.state_dim,
-        "state_floats": sizes["state"],
-        "state_ratio": f"{sizes['state'] / sizes['uncompressed']:.3f}",
-        "cache_ratio": f"{sizes['state'] / sizes['kv']:.3f}",
-        "feature_map": config.feature_map,
-        "repo_id": repo_id,
-    }
+    metadata = card_metadata(report, "text-generation", ["gpt2-bsbr", "gpt2", "long-context"])
+    fields = card_fields(
+        report, repo_id,
+        base=source_name(report.base),
+        chunk_delta=f"{report.chunk_delta:.3g}",
+        chunk_probe_length=report.chunk_probe_length,
+        block_delta=f"{report.block_delta:.3g}",
+        block_probe_length=report.block_probe_length,
+        positions=positions,
+        chunk_size=config.chunk_size,
+        head_dim=config.head_dim,
+        state_dim=config.state_dim,
+        state_floats=sizes["state"],
+        state_ratio=f"{sizes['state'] / sizes['uncompressed']:.3f}",
+        cache_ratio=f"{sizes['state'] / sizes['kv']:.3f}",
+        feature_map=config.feature_map,
+    )
     return "bsbr", metadata, fields
 
 
@@ -239,12 +216,20 @@ def add_arguments(parser):
                         help="positive feature map phi of the retrieval term")
 
 
+def example_arguments(gpt2, second_gpt2, bert, shape):
+    """`graftlm convert bsbr` arguments for the stock checkpoints that the demo, bench and tests build."""
+    return ["--base", gpt2, "--chunk-size", str(shape["chunk_size"])]
+
+
+def model_from_args(args):
+    """(model, report) from parsed arguments: the conversion without tokenizers or export."""
+    return convert_gpt2_to_bsbr(args.base, **options_from_args(args, OPTIONS))
+
+
 def convert_from_args(args):
     """CLI entry: returns (model, tokenizers, card builder, report) for the shared export step."""
-    from .common import load_tokenizer
-
     tokenizer = load_tokenizer(args.base)
-    model, report = convert_gpt2_to_bsbr(args.base, **options_from_args(args, OPTIONS))
+    model, report = model_from_args(args)
     return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id, model.config), report
 
 

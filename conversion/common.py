@@ -1,11 +1,15 @@
 """Shared by every converter: strict loading of stock checkpoints, literal weight copies, fidelity probes."""
 
 import contextlib
+import json
 import logging
+import re
+from dataclasses import dataclass, field
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
+from ..export import hub_ids
 from ..inputs import check_model_folder, check_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -163,8 +167,86 @@ def load_tokenizer(name_or_path, required=True):
         return None
 
 
-def card_tables(report):
-    """Model-card markdown for a conversion report: (options table rows, bullet list of new modules)."""
-    options = "\n".join(f"| `{k}` | `{v}` |" for k, v in report.options.items())
-    new_modules = "\n".join(f"- `{k}`: {v}" for k, v in report.new_modules.items())
-    return options, new_modules
+@dataclass
+class ConversionReport:
+    """What a conversion read, chose and measured. Its sources and measurements read as attributes too
+    (report.base, report.max_abs_logit_delta); summary() is one line on the fidelity probes."""
+
+    sources: dict  # role -> checkpoint it was read from, e.g. {"encoder": ..., "decoder": ...}
+    options: dict
+    measurements: dict  # fidelity probes, their lengths, parameter counts
+    new_modules: dict  # module pattern -> how it is initialised (the card's list)
+    modules_to_save: list  # peft's modules_to_save for the new modules (modules_to_save(model))
+    summary_format: str  # str.format over the measurements
+    notes: dict = field(default_factory=dict)  # anything else the card states (skipped keys, training status)
+
+    def __getattr__(self, name):
+        for table in ("sources", "measurements", "notes"):
+            if name in self.__dict__.get(table, {}):
+                return self.__dict__[table][name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def summary(self):
+        return self.summary_format.format(**self.measurements)
+
+
+def card_metadata(report, pipeline_tag, tags, license="mit", **license_details):
+    """A card's YAML metadata: the Hub ids of the report's sources, the licence, the pipeline and graftlm's tags."""
+    return {"library_name": "transformers", "base_model": hub_ids(*report.sources.values()), "license": license,
+            **license_details, "pipeline_tag": pipeline_tag, "tags": ["graftlm", *tags, "custom_code"]}
+
+
+def card_fields(report, repo_id, **fields):
+    """A card's body fields that every template may read (options table rows, new-module bullets, peft's
+    modules_to_save as a Python list, parameter count, repo id), then the architecture's own."""
+    return {
+        "options": "\n".join(f"| `{k}` | `{v}` |" for k, v in report.options.items()),
+        "new_modules": "\n".join(f"- `{k}`: {v}" for k, v in report.new_modules.items()),
+        "modules_to_save": json.dumps(report.modules_to_save),
+        "num_parameters": f"{report.num_parameters:,}",
+        "repo_id": repo_id,
+        **fields,
+    }
+
+
+# ----- the new modules: read from the model class (its float32 lists and _new_modules_in_model_dtype) -----
+
+
+def new_modules(model):
+    """Names of the modules the architecture adds to its stock checkpoints, as transformers' float32 lists name them
+    (sorted: transformers keeps the strict list of an instance as a set)."""
+    return sorted({*model._keep_in_fp32_modules_strict, *model._new_modules_in_model_dtype})
+
+
+def new_keys(model):
+    """The state-dict keys of the new modules: those with a new module's name among their dotted parts."""
+    names = set(new_modules(model))
+    return [key for key in model.state_dict() if names & set(key.split("."))]
+
+
+def modules_to_save(model):
+    """peft's modules_to_save for the new modules trained whole: the strict float32 list, a container (ModuleDict,
+    ModuleList) replaced by its entries, since peft trains the copy of a module that forward() calls."""
+    names = []
+    for name in sorted(model._keep_in_fp32_modules_strict):  # an instance's strict list is a set
+        module = getattr(model, name, None)
+        if isinstance(module, (torch.nn.ModuleDict, torch.nn.ModuleList)):
+            names += [f"{name}.{key}" for key, _ in module.named_children()]
+        else:
+            names.append(name)
+    return names
+
+
+@torch.no_grad()
+def open_identity_parameters(model, scale=0.5, seed=0):
+    """Add seeded noise to the parameters that start the new modules as the identity (the model class's
+    _identity_parameters), as training would open them; returns their names."""
+    pattern = type(model)._identity_parameters
+    generator = torch.Generator().manual_seed(seed)
+    opened = [name for name, _ in model.named_parameters() if re.search(pattern, name)]
+    if not opened:
+        raise ValueError(f"no parameter of {type(model).__name__} matches _identity_parameters {pattern!r}")
+    params = dict(model.named_parameters())
+    for name in opened:
+        params[name].add_(scale * torch.randn(params[name].shape, generator=generator))
+    return opened

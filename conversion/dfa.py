@@ -2,18 +2,19 @@
 
 Every GPT-2 weight is copied under its own name; the only new parameters are, per layer, the head-gate
 projection `attn.c_gate` and the head-dimension mask logits `attn.dim_masks.{q,k,v}`, plus
-`transformer.entropy_balance.log_weight`. Each is a module, so peft's modules_to_save can train it. They start as the identity (zero gate logits -> g = 1, zero mask logits -> mask = 1), so the converted
-model computes what GPT-2 computed.
+`transformer.entropy_balance.log_weight`. Each is a module, so peft's modules_to_save can train it. They start as
+the identity (zero gate logits -> g = 1, zero mask logits -> mask = 1), so the converted model computes what GPT-2
+computed.
 """
 
 import logging
-from dataclasses import dataclass, field
 
 from ..configuration.configuration_dfa import DFAConfig
-from ..export import hub_ids, source_name
+from ..export import source_name
 from ..modeling.modeling_dfa import DFAForCausalLM
-from .common import (ConversionError, card_tables, check_option_names, config_fields, copy_weights, load_stock_gpt2,
-                     max_logit_delta, options_from_args, probe_batch)
+from .common import (ConversionError, ConversionReport, card_fields, card_metadata, check_option_names, config_fields,
+                     copy_weights, load_stock_gpt2, load_tokenizer, max_logit_delta, modules_to_save, new_keys,
+                     options_from_args, probe_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +27,6 @@ NEW_MODULES = {
     "transformer.entropy_balance": "log_weight = log of the gate-entropy weight lambda, initialised to "
     "log(entropy_weight_init)",
 }
-_NEW_SUFFIXES = (".attn.c_gate.weight", ".attn.c_gate.bias", ".attn.dim_masks.q", ".attn.dim_masks.k", ".attn.dim_masks.v")
-# GPT2Config fields that are bookkeeping rather than architecture.
-
-
-@dataclass
-class ConversionReport:
-    base: str
-    options: dict
-    max_abs_logit_delta: float
-    num_parameters: int
-    new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
-
-    def summary(self):
-        return f"max |logits(GPT2-DFA) - logits(GPT-2)| = {self.max_abs_logit_delta:.3g} on the probe batch"
 
 
 def dfa_config_from_gpt2(gpt2_config, **options):
@@ -59,35 +46,25 @@ def convert_gpt2_to_dfa(base, **options):
     config._attn_implementation = stock.config._attn_implementation
     model = DFAForCausalLM(config)
     source = stock.state_dict()
-    new_keys = [k for k in model.state_dict() if k.endswith(_NEW_SUFFIXES) or k == "transformer.entropy_balance.log_weight"]
-    copy_weights(model, source, {key: key for key in source}, new_keys)
+    copy_weights(model, source, {key: key for key in source}, new_keys(model))
     model.generation_config = stock.generation_config
     model.eval()
 
     input_ids, attention_mask = probe_batch(config.vocab_size, seq_len=min(32, config.n_positions))
     delta = max_logit_delta(model, stock, input_ids, attention_mask)
     logger.info("converted %s to GPT2-DFA: max |delta logits| vs stock GPT-2 = %.3g", base, delta)
-    report = ConversionReport(str(base), {**OPTIONS, **options}, delta, model.num_parameters())
+    report = ConversionReport(
+        {"base": str(base)}, {**OPTIONS, **options},
+        {"max_abs_logit_delta": delta, "num_parameters": model.num_parameters()}, dict(NEW_MODULES),
+        modules_to_save(model),
+        "max |logits(GPT2-DFA) - logits(GPT-2)| = {max_abs_logit_delta:.3g} on the probe batch",
+    )
     return model, report
 
 
 def model_card(report, repo_id):
-    options, new_modules = card_tables(report)
-    metadata = {
-        "library_name": "transformers",
-        "base_model": hub_ids(report.base),
-        "license": "mit",
-        "pipeline_tag": "text-generation",
-        "tags": ["graftlm", "gpt2-dfa", "gpt2", "custom_code"],
-    }
-    fields = {
-        "base": source_name(report.base),
-        "options": options,
-        "fidelity": f"{report.max_abs_logit_delta:.3g}",
-        "num_parameters": f"{report.num_parameters:,}",
-        "new_modules": new_modules,
-        "repo_id": repo_id,
-    }
+    metadata = card_metadata(report, "text-generation", ["gpt2-dfa", "gpt2"])
+    fields = card_fields(report, repo_id, base=source_name(report.base), fidelity=f"{report.max_abs_logit_delta:.3g}")
     return "dfa", metadata, fields
 
 
@@ -105,12 +82,20 @@ def add_arguments(parser):
                         help="mask value under which a dimension counts as closed (default: 0.1)")
 
 
+def example_arguments(gpt2, second_gpt2, bert, shape):
+    """`graftlm convert dfa` arguments for the stock checkpoints that the demo, bench and tests build."""
+    return ["--base", gpt2]
+
+
+def model_from_args(args):
+    """(model, report) from parsed arguments: the conversion without tokenizers or export."""
+    return convert_gpt2_to_dfa(args.base, **options_from_args(args, OPTIONS))
+
+
 def convert_from_args(args):
     """CLI entry: returns (model, tokenizers, card builder, report) for the shared export step."""
-    from .common import load_tokenizer
-
     tokenizer = load_tokenizer(args.base)
-    model, report = convert_gpt2_to_dfa(args.base, **options_from_args(args, OPTIONS))
+    model, report = model_from_args(args)
     return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id), report
 
 

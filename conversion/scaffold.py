@@ -8,15 +8,15 @@ model computes exactly what the base GPT-2 computed. LoRA adapters are attached 
 import argparse
 import logging
 import math
-from dataclasses import dataclass, field
-
 
 from ..configuration.configuration_scaffold import LORA_TARGETS, ScaffoldConfig
-from ..export import hub_ids, source_name
+from ..export import source_name
 from ..modeling.modeling_scaffold import ScaffoldForCausalLM
 from .common import (
     ConversionError,
-    card_tables,
+    ConversionReport,
+    card_fields,
+    card_metadata,
     check_option_names,
     config_errors,
     config_fields,
@@ -24,6 +24,8 @@ from .common import (
     load_stock_gpt2,
     load_tokenizer,
     max_logit_delta,
+    modules_to_save,
+    new_keys,
     options_from_args,
     probe_batch,
 )
@@ -46,22 +48,8 @@ NEW_MODULES = {
     "fusers.<layer>.gate": "tanh gate, zero-initialised: tanh(0) = 0, so the converted model is the base GPT-2",
 }
 FIDELITY_TOLERANCE = 1e-5
-
-
-@dataclass
-class ConversionReport:
-    base: str
-    scaffold: str
-    cross_attn_layers: list
-    options: dict
-    max_abs_logit_delta: float
-    num_parameters: int
-    new_modules: dict = field(default_factory=lambda: dict(NEW_MODULES))
-    training: str = "Not trained yet: the gates are closed and the scaffold carries no adapters. Train with " \
-        "`graftlm train scaffold`."
-
-    def summary(self):
-        return f"max |logits(scaffolded) - logits(base GPT-2)| = {self.max_abs_logit_delta:.3g} on the probe batch"
+UNTRAINED = "Not trained yet: the gates are closed and the scaffold carries no adapters. Train with " \
+    "`graftlm train scaffold`."
 
 
 def scaffold_config_from_gpt2(base_config, scaffold_config, cross_attn_layers, **options):
@@ -94,8 +82,7 @@ def convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=(5, 7), **options
 
     source = {f"base.{k}": v for k, v in stock_base.state_dict().items()}
     source.update({f"scaffold.{k}": v for k, v in stock_scaffold.state_dict().items()})
-    new_keys = [k for k in model.state_dict() if k.startswith("fusers.")]
-    copy_weights(model, source, {key: key for key in source}, new_keys)
+    copy_weights(model, source, {key: key for key in source}, new_keys(model))
     model.freeze_base()  # what the converted model is for: training the fusers (and LoRA) over the frozen base
     model.generation_config = stock_base.generation_config
     model.eval()
@@ -108,10 +95,20 @@ def convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=(5, 7), **options
         raise ConversionError(
             f"the converted model differs from the base GPT-2 by {delta:.3g} (> {FIDELITY_TOLERANCE})"
         )
-    report = ConversionReport(
-        str(base), str(scaffold), list(config.cross_attn_layers), {**OPTIONS, **options}, delta, model.num_parameters()
-    )
+    report = scaffold_report(base, scaffold, model, {**OPTIONS, **options}, delta)
     return model, report
+
+
+def scaffold_report(base, scaffold, model, options, delta, training=UNTRAINED):
+    """The report on `model`, converted from `base` and `scaffold` (or, with `training`, trained: its card): delta is
+    max |logits - base GPT-2 logits| with the scaffold's influence at 0."""
+    return ConversionReport(
+        {"base": str(base), "scaffold": str(scaffold)}, options,
+        {"max_abs_logit_delta": delta, "num_parameters": model.num_parameters()}, dict(NEW_MODULES),
+        modules_to_save(model),
+        "max |logits(scaffolded) - logits(base GPT-2)| = {max_abs_logit_delta:.3g} on the probe batch",
+        notes={"cross_attn_layers": list(model.config.cross_attn_layers), "training": training},
+    )
 
 
 def check_same_vocabulary(base_tokenizer, scaffold_tokenizer):
@@ -122,25 +119,15 @@ def check_same_vocabulary(base_tokenizer, scaffold_tokenizer):
 
 
 def model_card(report, repo_id):
-    options, new_modules = card_tables(report)
-    metadata = {
-        "library_name": "transformers",
-        "base_model": hub_ids(report.base, report.scaffold),
-        "license": "mit",
-        "pipeline_tag": "text-generation",
-        "tags": ["graftlm", "gpt2-scaffold", "gpt2", "lora", "cross-attention", "custom_code"],
-    }
-    fields = {
-        "base": source_name(report.base),
-        "scaffold": source_name(report.scaffold),
-        "layers": ", ".join(str(i) for i in report.cross_attn_layers),
-        "options": options,
-        "fidelity": f"{report.max_abs_logit_delta:.3g}",
-        "num_parameters": f"{report.num_parameters:,}",
-        "new_modules": new_modules,
-        "training": report.training,
-        "repo_id": repo_id,
-    }
+    metadata = card_metadata(report, "text-generation", ["gpt2-scaffold", "gpt2", "lora", "cross-attention"])
+    fields = card_fields(
+        report, repo_id,
+        base=source_name(report.base),
+        scaffold=source_name(report.scaffold),
+        layers=", ".join(str(i) for i in report.cross_attn_layers),
+        fidelity=f"{report.max_abs_logit_delta:.3g}",
+        training=report.training,
+    )
     return "scaffold", metadata, fields
 
 
@@ -169,12 +156,23 @@ def add_arguments(parser):
                         help="train the fusers with the adapters (--no-train-fuser freezes them, as the seed did)")
 
 
+def example_arguments(gpt2, second_gpt2, bert, shape):
+    """`graftlm convert scaffold` arguments for the stock checkpoints that the demo, bench and tests build."""
+    layers = ",".join(map(str, shape["cross_attn_layers"]))
+    return ["--base", gpt2, "--scaffold", second_gpt2, "--cross-attn-layers", layers]
+
+
+def model_from_args(args):
+    """(model, report) from parsed arguments: the conversion without tokenizers or export."""
+    return convert_gpt2_to_scaffold(args.base, args.scaffold, cross_attn_layers=args.cross_attn_layers,
+                                    **options_from_args(args, OPTIONS))
+
+
 def convert_from_args(args):
     """CLI entry: returns (model, tokenizers, card builder, report) for the shared export step."""
     tokenizer = load_tokenizer(args.base)
     check_same_vocabulary(tokenizer, load_tokenizer(args.scaffold, required=False))
-    model, report = convert_gpt2_to_scaffold(args.base, args.scaffold, cross_attn_layers=args.cross_attn_layers,
-                                             **options_from_args(args, OPTIONS))
+    model, report = model_from_args(args)
     return model, {"": tokenizer}, lambda repo_id: model_card(report, repo_id), report
 
 

@@ -1,9 +1,14 @@
 """The one convert -> model card -> export (-> upload) path: `graftlm convert <arch>`, the demo and the bench run it.
 
-Each architecture's converter module (named by its registry row) provides add_arguments(parser) and
-convert_from_args(args) -> (model, {subfolder: tokenizer}, card_builder(repo_id), report), where report.summary() is
-one line on the conversion's fidelity probe; this module adds the export options every conversion shares and runs
-the export.
+Each architecture's converter module (named by its registry row) provides
+- add_arguments(parser): the options of `graftlm convert <name>`;
+- convert_from_args(args) -> (model, {subfolder: tokenizer}, card_builder(repo_id), report), where report is a
+  conversion.common.ConversionReport and card_builder returns (card template name, YAML metadata, body fields);
+- model_from_args(args) -> (model, report): the same conversion without tokenizers or card;
+- example_arguments(gpt2, second_gpt2, bert, shape) -> the arguments that convert stock checkpoints the demo, bench
+  and tests build (a GPT-2, a second GPT-2 that may be the same folder, a BERT) at a shape: a dict with
+  chunk_size, cross_attn_layers and controls (whether to add the optional decoding controls).
+This module adds the export options every conversion shares and runs the export.
 """
 
 import argparse
@@ -53,9 +58,32 @@ class _RaisingParser(argparse.ArgumentParser):
         raise ValueError(f"{self.prog}: {message}")
 
 
+def _parse(name, arguments, export=True):
+    parser = _RaisingParser(prog=f"graftlm convert {name}", allow_abbrev=False)
+    if export:
+        add_arguments(parser, name)
+    else:
+        converter(name).add_arguments(parser)
+    return parser.parse_args([str(argument) for argument in arguments])
+
+
 def convert(name, arguments):
     """`graftlm convert <name> <arguments>` as a function, for code that converts (demo, bench): returns the export
     folder; bad arguments raise ValueError naming them."""
-    parser = _RaisingParser(prog=f"graftlm convert {name}", allow_abbrev=False)
-    add_arguments(parser, name)
-    return convert_and_export(parser.parse_args(arguments))[0]
+    return convert_and_export(_parse(name, arguments))[0]
+
+
+def example_arguments(name, gpt2, second_gpt2, bert, shape):
+    """The converter's arguments for stock checkpoints the demo, bench and tests build (see the module docstring)."""
+    return converter(name).example_arguments(str(gpt2), str(second_gpt2), str(bert), shape)
+
+
+def converted(name, arguments):
+    """The converter's (model, tokenizers, card builder, report) for `graftlm convert <name>`'s own arguments (no
+    export options), for code that exports on its own terms (the tests' integration matrix)."""
+    return converter(name).convert_from_args(_parse(name, arguments, export=False))
+
+
+def converted_model(name, arguments):
+    """(model, report) for `graftlm convert <name>`'s own arguments, without tokenizers: the bench's models."""
+    return converter(name).model_from_args(_parse(name, arguments, export=False))

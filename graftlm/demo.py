@@ -37,14 +37,13 @@ def tokens_per_second(model, input_ids, attention_mask, new_tokens=48, repeats=2
 
 
 def convert_arguments(arch, base, encoder, n_layer):
-    """`graftlm convert <arch>` arguments for the demo: every architecture from the same stock GPT-2."""
+    """`graftlm convert <arch>` arguments for the demo: every architecture from the same stock GPT-2 (the scaffold
+    reads it twice and fuses after the two middle layers; the bridge adds its decoding controls)."""
+    from .convert import example_arguments
+
     middle = max(n_layer // 2, 1)
-    return {
-        "dfa": ["--base", base],
-        "bsbr": ["--base", base, "--chunk-size", "64"],
-        "bridge": ["--encoder", encoder, "--decoder", base, "--bridge", "ga", "--controls"],
-        "scaffold": ["--base", base, "--scaffold", base, "--cross-attn-layers", f"{middle - 1},{middle}"],
-    }[arch]
+    shape = {"chunk_size": 64, "cross_attn_layers": [middle - 1, middle], "controls": True}
+    return example_arguments(arch, base, base, encoder, shape)
 
 
 def generate_in_fresh_process(folder, auto_class, input_ids, attention_mask, max_new_tokens):
@@ -67,6 +66,7 @@ def generate_in_fresh_process(folder, auto_class, input_ids, attention_mask, max
 
 def demo_architecture(arch, base, encoder, output_dir, tokenizer, stock, new_tokens=24):
     """Convert `base` into `arch` with the CLI, reload the export in a fresh process, generate, compare with stock."""
+    from . import registry
     from .convert import convert
     from .inference import load_encoder_tokenizer, load_model_and_tokenizer
 
@@ -74,16 +74,15 @@ def demo_architecture(arch, base, encoder, output_dir, tokenizer, stock, new_tok
     convert(arch, [*convert_arguments(arch, str(base), str(encoder), stock.config.n_layer), "--output-dir", str(folder),
                    "--overwrite"])
     model, _ = load_model_and_tokenizer(folder)
+    auto_class = registry.by_name(arch).generation_auto_class
     if model.config.is_encoder_decoder:
         # The decoder starts as GPT-2 exactly (zero cross-attention output): compare with GPT-2 continuing eos.
         batch = load_encoder_tokenizer(folder, model, tokenizer)(DEMO_PROMPTS, return_tensors="pt", padding=True)
         reference_input = torch.full((len(DEMO_PROMPTS), 1), tokenizer.eos_token_id)
         reference_mask = torch.ones_like(reference_input)
-        auto_class = "AutoModelForSeq2SeqLM"
     else:
         batch = tokenizer(DEMO_PROMPTS, return_tensors="pt", padding=True)
         reference_input, reference_mask = batch.input_ids, batch.attention_mask
-        auto_class = "AutoModelForCausalLM"
     remote = generate_in_fresh_process(folder, auto_class, batch.input_ids, batch.attention_mask, new_tokens)
     with torch.no_grad():
         theirs = stock.generate(input_ids=reference_input, attention_mask=reference_mask, max_new_tokens=new_tokens,
@@ -119,8 +118,8 @@ def run_demo(base=None, encoder=None, output_dir="demo_output", train_steps=300,
     if base is None:
         print(f"building a local stock GPT-2 ({train_steps} training steps on Python's help() text)")
         base = build_local_gpt2(output_dir / "gpt2-local", train_steps=train_steps, seed=seed)
-    if "bridge" in architectures and encoder is None:
-        encoder = packaged_bert()
+    if encoder is None and any(registry.by_name(arch).is_encoder_decoder for arch in architectures):
+        encoder = packaged_bert()  # the encoder-decoder's encoder
     stock = load_stock_gpt2(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.pad_token = tokenizer.eos_token

@@ -11,15 +11,38 @@ from transformers import AutoConfig
 
 @dataclass(frozen=True)
 class Architecture:
+    """One row of the table. The modules an architecture adds are declared once, on its model class (beside
+    transformers' _keep_in_fp32_modules lists: see conversion.common.new_modules); its recipe for converting the
+    stock checkpoints that the demo, bench and tests build is its converter's example_arguments()."""
+
     name: str  # the CLI name: `graftlm convert <name>`, `graftlm train <name>`
+    label: str  # how reports and tables name it
     config_class: type
-    auto_classes: dict = field(default_factory=dict)  # {"AutoModelForCausalLM": ModelClass, ...}
-    converter: str = ""  # module with add_arguments(parser), convert_from_args(args) (see graftlm.convert)
+    # {"AutoModelForCausalLM": ModelClass, ...}, with one CausalLM or Seq2SeqLM class: the one that generates
+    auto_classes: dict = field(default_factory=dict)
+    converter: str = ""  # module with add_arguments, example_arguments, model_from_args, convert_from_args
     trainer: str = ""  # module with add_arguments(parser) and main(args)
+    decode_target: float = None  # `graftlm bench`: decoding tokens/s against stock GPT-2, at least (None: report)
+    train_time_target: float = None  # `graftlm bench`: training step time against stock GPT-2, at most (None: report)
 
     @property
     def model_type(self):
         return self.config_class.model_type
+
+    @property
+    def generation_class(self):
+        """The model class `graftlm convert` builds (it generates: causal LM or seq2seq LM)."""
+        return self.auto_classes[self.generation_auto_class]
+
+    @property
+    def generation_auto_class(self):
+        """The Auto class that loads an export of this architecture for generation, by name."""
+        return next(auto for auto in self.auto_classes if auto.endswith(("CausalLM", "Seq2SeqLM")))
+
+    @property
+    def is_encoder_decoder(self):
+        """Whether its converter reads an encoder checkpoint (BERT) as well as GPT-2."""
+        return self.generation_auto_class == "AutoModelForSeq2SeqLM"
 
 
 _BY_MODEL_TYPE = {}
@@ -62,35 +85,35 @@ def _register_all():
     from .configuration.configuration_dfa import DFAConfig
     from .modeling import modeling_dfa as dfa
 
-    register(Architecture("dfa", DFAConfig, {
+    register(Architecture("dfa", "GPT2-DFA", DFAConfig, {
         "AutoModel": dfa.DFAModel, "AutoModelForCausalLM": dfa.DFAForCausalLM,
         "AutoModelForSequenceClassification": dfa.DFAForSequenceClassification,
         "AutoModelForTokenClassification": dfa.DFAForTokenClassification,
         "AutoModelForQuestionAnswering": dfa.DFAForQuestionAnswering,
-    }, converter="graftlm.conversion.dfa", trainer="graftlm.train_dfa"))
+    }, converter="graftlm.conversion.dfa", trainer="graftlm.train_dfa", decode_target=0.8, train_time_target=1.15))
 
     from .configuration.configuration_bsbr import BSBRConfig
     from .modeling import modeling_bsbr as bsbr
 
-    register(Architecture("bsbr", BSBRConfig, {
+    register(Architecture("bsbr", "GPT2-BSBR", BSBRConfig, {
         "AutoModel": bsbr.BSBRModel, "AutoModelForCausalLM": bsbr.BSBRForCausalLM,
         "AutoModelForSequenceClassification": bsbr.BSBRForSequenceClassification,
         "AutoModelForTokenClassification": bsbr.BSBRForTokenClassification,
         "AutoModelForQuestionAnswering": bsbr.BSBRForQuestionAnswering,
-    }, converter="graftlm.conversion.bsbr", trainer="graftlm.train_bsbr"))
+    }, converter="graftlm.conversion.bsbr", trainer="graftlm.train_bsbr", decode_target=0.8))
 
     from .configuration.configuration_bridge import BridgeConfig
     from .modeling.modeling_bridge import BridgeForConditionalGeneration
 
-    register(Architecture("bridge", BridgeConfig, {"AutoModelForSeq2SeqLM": BridgeForConditionalGeneration},
-                          converter="graftlm.conversion.bridge", trainer="graftlm.train_bridge"))
+    register(Architecture("bridge", "Bridged", BridgeConfig, {"AutoModelForSeq2SeqLM": BridgeForConditionalGeneration},
+                          converter="graftlm.conversion.bridge", trainer="graftlm.train_bridge", decode_target=0.75))
 
     from .configuration.configuration_scaffold import ScaffoldConfig
     from .modeling import modeling_scaffold as scaffold
 
-    register(Architecture("scaffold", ScaffoldConfig, {
+    register(Architecture("scaffold", "Scaffolded", ScaffoldConfig, {
         "AutoModel": scaffold.ScaffoldModel, "AutoModelForCausalLM": scaffold.ScaffoldForCausalLM,
         "AutoModelForSequenceClassification": scaffold.ScaffoldForSequenceClassification,
         "AutoModelForTokenClassification": scaffold.ScaffoldForTokenClassification,
         "AutoModelForQuestionAnswering": scaffold.ScaffoldForQuestionAnswering,
-    }, converter="graftlm.conversion.scaffold", trainer="graftlm.train_scaffold"))
+    }, converter="graftlm.conversion.scaffold", trainer="graftlm.train_scaffold", decode_target=0.7))

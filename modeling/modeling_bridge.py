@@ -108,6 +108,11 @@ class BridgePreTrainedModel(LegacyScalarsMixin, PreTrainedModel):
     # exists only with config.controls (__init__).
     _keep_in_fp32_modules = ["bridge"]
     _keep_in_fp32_modules_strict = ["bridge"]
+    # The modules this architecture adds beyond those float32 lists (graftlm's converter counts both as new), and the
+    # parameters that start them as the identity, which tests and bench open with noise. graftlm's registry reads
+    # these two and the float32 lists; peft's modules_to_save is the strict float32 list.
+    _new_modules_in_model_dtype = ["crossattention", "ln_cross_attn"]
+    _identity_parameters = r"crossattention\.c_proj|^bridge\.|^controls\."
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)

@@ -462,6 +462,11 @@ class BSBRPreTrainedModel(PreTrainedModel):
     # Small modules read as raw weights by the float32 retrieval path: float32 under fp16 and bf16 (and no quantizer
     # converts them: neither is an nn.Linear). compress_proj exists only with compression_factor > 1 (__init__).
     _keep_in_fp32_modules_strict = ["retrieval_gate"]
+    # The modules this architecture adds beyond those float32 lists (graftlm's converter counts both as new), and the
+    # parameters that start them as the identity, which tests and bench open with noise. graftlm's registry reads
+    # these two and the float32 lists; peft's modules_to_save is the strict float32 list.
+    _new_modules_in_model_dtype = ["meta_r_proj", "meta_h_proj"]
+    _identity_parameters = r"retrieval_gate"
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
 
     def __init__(self, config, *args, **kwargs):

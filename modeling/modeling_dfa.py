@@ -236,6 +236,11 @@ class DFAPreTrainedModel(LegacyScalarsMixin, PreTrainedModel):
     # exp(), the regulariser: they stay float32 under fp16 and bf16 (and no quantizer converts them: none is an
     # nn.Linear).
     _keep_in_fp32_modules_strict = ["c_gate", "dim_masks", "entropy_balance"]
+    # The modules this architecture adds beyond those float32 lists (graftlm's converter counts both as new), and the
+    # parameters that start them as the identity, which tests and bench open with noise. graftlm's registry reads
+    # these two and the float32 lists; peft's modules_to_save is the strict float32 list.
+    _new_modules_in_model_dtype = []
+    _identity_parameters = r"attn\.(c_gate|dim_masks)\."
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
 
     @torch.no_grad()

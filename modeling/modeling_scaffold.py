@@ -148,6 +148,11 @@ class ScaffoldPreTrainedModel(PreTrainedModel):
     # the modules of _keep_in_fp32_modules, and bfloat16 loading keeps float32 only those of the strict list.
     _keep_in_fp32_modules = ["fusers"]
     _keep_in_fp32_modules_strict = ["fusers"]
+    # The modules this architecture adds beyond those float32 lists (graftlm's converter counts both as new), and the
+    # parameters that start them as the identity, which tests and bench open with noise. graftlm's registry reads
+    # these two and the float32 lists; peft's modules_to_save is the strict float32 list.
+    _new_modules_in_model_dtype = []
+    _identity_parameters = r"^fusers\.\d+\.gate$"
     # Each GPT-2 ties its lm_head to its token embeddings, as GPT2LMHeadModel does.
     _tied_weights_keys = {
         "base.lm_head.weight": "base.transformer.wte.weight",

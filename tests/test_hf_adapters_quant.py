@@ -9,25 +9,32 @@ import re
 
 import pytest
 import torch
+import transformers
 from accelerate import infer_auto_device_map
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from testing_utils import MATRIX_ARCHS, is_remote_code, remote_code_only
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
+from transformers import BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
-# Documented LoRA targets (GPT-2's Conv1D names, peft sets fan_in_fan_out=True for them) and the new modules trained
-# whole through modules_to_save; the model cards carry the same lists. Scaffold: LoRA on the scaffold GPT-2 only (the
-# base stays frozen) and one modules_to_save entry per fused layer (the matrix fuses layers 0 and 1). BSBR's new
-# projections are Conv1D layers that LoRA adapts (also 4-bit). DFA's mask logits and entropy weight and BSBR's
-# retrieval gate are small modules (dim_masks, entropy_balance, retrieval_gate) called in forward(), so peft's
-# modules_to_save trains them.
+from graftlm import registry
+from graftlm.conversion.common import modules_to_save
+
+# Documented LoRA targets (GPT-2's Conv1D names, peft sets fan_in_fan_out=True for them); the model cards carry the
+# same lists. Scaffold: LoRA on the scaffold GPT-2 only (the base stays frozen). BSBR's new projections are Conv1D
+# layers that LoRA adapts (also 4-bit). The new modules train whole through modules_to_save, as
+# graftlm.conversion.common.modules_to_save derives it from the model class (README: DFA c_gate, dim_masks,
+# entropy_balance; BSBR retrieval_gate; Bridged bridge, controls; Scaffolded one entry per fused layer): DFA's mask
+# logits and entropy weight and BSBR's retrieval gate are small modules called in forward(), so peft trains them.
 SCAFFOLD_LORA = r"scaffold\.transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
-LORA = {
-    "dfa": (["c_attn", "c_proj", "c_fc"], ["c_gate", "dim_masks", "entropy_balance"]),
-    "bsbr": (["c_attn", "c_proj", "c_fc", "meta_r_proj", "meta_h_proj"], ["retrieval_gate"]),
-    "bridge": (["c_attn", "q_attn", "c_proj", "c_fc"], ["bridge", "controls"]),
-    "scaffold": (SCAFFOLD_LORA, ["fusers.0", "fusers.1"]),
+LORA_TARGETS = {
+    "dfa": ["c_attn", "c_proj", "c_fc"],
+    "bsbr": ["c_attn", "c_proj", "c_fc", "meta_r_proj", "meta_h_proj"],
+    "bridge": ["c_attn", "q_attn", "c_proj", "c_fc"],
+    "scaffold": SCAFFOLD_LORA,
 }
+# What modules_to_save comes to on the matrix's exports (the scaffold fuses layers 0 and 1; the bridge has controls).
+MODULES_TO_SAVE = {"dfa": ["c_gate", "dim_masks", "entropy_balance"], "bsbr": ["retrieval_gate"],
+                   "bridge": ["bridge", "controls"], "scaffold": ["fusers.0", "fusers.1"]}
 # Parameters that must stay float32 (and their modules unquantized) under fp16, bf16 and bitsandbytes.
 KEEP_FP32 = {
     "dfa": r"\.(c_gate|dim_masks|entropy_balance)\.",
@@ -46,7 +53,7 @@ SEQ = 32  # BSBR chunk 8: four chunks, so chunk retrieval (meta projections, gat
 
 
 def load(arch, folder, **kwargs):
-    auto = AutoModelForSeq2SeqLM if arch == "bridge" else AutoModelForCausalLM
+    auto = getattr(transformers, registry.by_name(arch).generation_auto_class)
     with remote_code_only():
         model = auto.from_pretrained(folder, trust_remote_code=True, **kwargs)
     assert is_remote_code(model)
@@ -144,10 +151,11 @@ def check_fp32_params(model, arch, low_dtypes):
 # --- PEFT / LoRA --------------------------------------------------------------------------------------------------
 
 
-def lora_config(arch):
-    targets, to_save = LORA[arch]
-    task = "SEQ_2_SEQ_LM" if arch == "bridge" else "CAUSAL_LM"
-    return LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=to_save or None, task_type=task)
+def lora_config(arch, model):
+    to_save = modules_to_save(model)
+    assert to_save == MODULES_TO_SAVE[arch]
+    task = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+    return LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch], modules_to_save=to_save, task_type=task)
 
 
 def train_steps(model, arch, steps, lr):
@@ -162,12 +170,13 @@ def train_steps(model, arch, steps, lr):
 
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_peft_lora(arch, matrix_exports, reference, tmp_path):
-    peft_model = get_peft_model(load(arch, matrix_exports[arch]), lora_config(arch))
+    model = load(arch, matrix_exports[arch])
+    peft_model = get_peft_model(model, lora_config(arch, model))
     lora = [m for m in peft_model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     assert lora and all(isinstance(m.get_base_layer(), Conv1D) and m.fan_in_fan_out for m in lora)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert all(".lora_" in n or ".modules_to_save." in n for n in trainable), trainable
-    for wrapped in LORA[arch][1]:  # every modules_to_save entry trains
+    for wrapped in MODULES_TO_SAVE[arch]:  # every modules_to_save entry trains
         assert any(re.search(rf"(^|\.){re.escape(wrapped)}\.modules_to_save\.", n) for n in trainable), wrapped
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if ".modules_to_save." in n
               or ".original_module." in n}
@@ -175,7 +184,7 @@ def test_peft_lora(arch, matrix_exports, reference, tmp_path):
     train_steps(peft_model, arch, steps=3, lr=1e-2)
     assert all(m.lora_B["default"].weight.abs().sum() > 0 for m in lora)  # the adapter is not the zero update
     after = {n: p.detach().clone() for n, p in peft_model.named_parameters() if n in before}
-    for wrapped in LORA[arch][1]:  # the adapter's copy of every modules_to_save entry moved, the base module did not
+    for wrapped in MODULES_TO_SAVE[arch]:  # the adapter's copy of every modules_to_save entry moved, the base module did not
         entry = re.compile(rf"(^|\.){re.escape(wrapped)}\.")
         copies = [n for n in before if entry.search(n) and ".modules_to_save." in n]
         assert any(not torch.equal(before[n], after[n]) for n in copies), f"{wrapped}: its copy did not train"
@@ -200,7 +209,7 @@ def test_qlora(arch, matrix_exports):
         load(arch, matrix_exports[arch], quantization_config=nf4), gradient_checkpointing_kwargs={"use_reentrant": False}
     )
     assert model.is_activation_checkpointing
-    peft_model = get_peft_model(model, lora_config(arch))
+    peft_model = get_peft_model(model, lora_config(arch, model))
     assert any("Linear4bit" in type(m.get_base_layer()).__name__ for m in peft_model.modules() if hasattr(m, "lora_A"))
 
     def loss():

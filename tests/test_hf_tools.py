@@ -138,12 +138,17 @@ def test_card_base_model_names_hub_sources_only(matrix_exports):
     """base_model holds the Hub ids of the sources, both of Scaffolded's and of Bridged's; a local folder is left out
     and named in the body by its name, never by its path."""
     from graftlm.conversion import bridge, scaffold
+    from graftlm.conversion.common import ConversionReport
 
     local = str(matrix_exports["scaffold"].parent / "base")
+    measured = {"max_abs_logit_delta": 0.0, "encoder_max_abs_delta": 0.0, "decoder_max_abs_logit_delta": 0.0,
+                "num_parameters": 1, "num_new_parameters": 1}
+    notes = {"cross_attn_layers": [0, 1], "training": "", "skipped_keys": ()}
     cards = {
-        "scaffold": (scaffold.ConversionReport(local, "org/scaffold-gpt2", [0, 1], {}, 0.0, 1), "base", "scaffold"),
-        "bridge": (bridge.ConversionReport(local, "org/gpt2", {"bridge_type": "ga"}, 0.0, 0.0, 1, 1), "encoder",
-                   "decoder"),
+        "scaffold": (ConversionReport({"base": local, "scaffold": "org/scaffold-gpt2"}, {}, measured, {}, [], "", notes),
+                     "base", "scaffold"),
+        "bridge": (ConversionReport({"encoder": local, "decoder": "org/gpt2"}, {"bridge_type": "ga"}, measured, {}, [],
+                                    "", notes), "encoder", "decoder"),
     }
     for arch, (report, first, second) in cards.items():
         model_card = getattr({"scaffold": scaffold, "bridge": bridge}[arch], "model_card")
@@ -151,9 +156,9 @@ def test_card_base_model_names_hub_sources_only(matrix_exports):
         assert metadata["base_model"] == [getattr(report, second)] and fields[first] == "base"
         card = render_card(template, metadata, fields)
         assert yaml.safe_load(card.split("---\n")[1])["base_model"] == [getattr(report, second)] and local not in card
-        both = dataclasses.replace(report, **{first: "org/first"})
+        both = dataclasses.replace(report, sources={**report.sources, first: "org/first"})
         assert model_card(both, "me/x")[1]["base_model"] == ["org/first", getattr(report, second)]
-        local_only = dataclasses.replace(report, **{second: local})
+        local_only = dataclasses.replace(report, sources={**report.sources, second: local})
         assert "base_model" not in yaml.safe_load(render_card(*model_card(local_only, "me/x")).split("---\n")[1])
 
 

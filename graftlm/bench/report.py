@@ -3,13 +3,12 @@
 import json
 from pathlib import Path
 
-
+from . import measure
 from .measure import DECODE_TARGETS, PRUNED_DECODE_TARGET, TRAIN_TIME_TARGETS
 
 # ----- report -----
 
-LABELS = {"gpt2": "GPT-2", "dfa": "GPT2-DFA", "bsbr": "GPT2-BSBR", "bridge": "Bridged", "scaffold": "Scaffolded",
-          "dfa_pruned": "GPT2-DFA pruned"}
+LABELS = {**measure.LABELS, "dfa_pruned": f"{measure.LABELS['dfa']} pruned"}
 
 
 def _times(ratio):
@@ -139,9 +138,10 @@ def plots(results, output_dir):
         ax.bar([LABELS[r["arch"]] for r in train], [r[key] or 0.0 for r in train], color="tab:blue")
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_title(f"training {label}, model / stock GPT-2")
-    if any(r["arch"] == "dfa" for r in train):
-        axes[0].axhline(TRAIN_TIME_TARGETS["dfa"], color="red", linestyle="--", label="DFA target")
-        axes[0].legend(fontsize=8)
+    for i, r in enumerate(train):
+        if r["arch"] in TRAIN_TIME_TARGETS:
+            axes[0].hlines(TRAIN_TIME_TARGETS[r["arch"]], i - 0.4, i + 0.4, colors="red", linestyles="--")
+    axes[0].set_title("training step time, model / stock GPT-2 (red: target)")
     save(fig, "training.png")
 
     if "pruning" in results:

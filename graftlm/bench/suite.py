@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .measure import (ARCHS, CONVERSION_TARGET_S, DECODE_TARGETS, PRUNED_DECODE_TARGET, SIZES, TRAIN_TIME_TARGETS, _stats,
-                      convert, decode_rate, follow_live_tensors, forward_kwargs, peak_memory_mb, prune_half,
-                      save_checkpoints, time_runs, timed, train_step_fn, verdict)
+                      convert, convert_arguments, decode_rate, follow_live_tensors, forward_kwargs, peak_memory_mb,
+                      prune_half, save_checkpoints, time_runs, timed, train_step_fn, verdict)
 from .report import write_report
 
 logger = logging.getLogger(__name__)
@@ -66,9 +66,9 @@ def bench_training(models, args, device, generator):
     raw = {}
     for name in tqdm([n for n in models if n != "dfa_pruned"], desc="training step"):
         model = copy.deepcopy(models[name]).train()
-        if name == "scaffold":
-            model.add_lora()  # what `graftlm train scaffold` trains: LoRA + fusers, base frozen
-        step = train_step_fn(model, name, ids)
+        if hasattr(model, "add_lora"):
+            model.add_lora()  # what `graftlm train <arch>` trains on a model with LoRA adapters (the scaffold's)
+        step = train_step_fn(model, ids)
         times = time_runs(step, device, args.repeats)
         _, peak = peak_memory_mb(step, device)
         raw[name] = {**_stats(times), "peak_mb": peak,
@@ -112,19 +112,10 @@ def bench_scaling(models, args, device, generator):
                 series = []
                 for batch, seq in points:
                     ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
-                    kwargs = forward_kwargs(name, ids)
+                    kwargs = forward_kwargs(models[name], ids)
                     series.append(timed(lambda: models[name](**kwargs, use_cache=False), device, args.repeats))
                 result[sweep]["seconds"][name] = series
     return result
-
-
-CONVERT_ARGUMENTS = {
-    "dfa": lambda gpt2, bert, shape: ["--base", gpt2],
-    "bsbr": lambda gpt2, bert, shape: ["--base", gpt2, "--chunk-size", str(shape["chunk_size"])],
-    "bridge": lambda gpt2, bert, shape: ["--encoder", bert, "--decoder", gpt2, "--bridge", "ga"],
-    "scaffold": lambda gpt2, bert, shape: ["--base", gpt2, "--scaffold", gpt2, "--cross-attn-layers",
-                                           ",".join(map(str, shape["cross_attn_layers"]))],
-}
 
 
 def bench_conversion(args, work_dir):
@@ -139,7 +130,7 @@ def bench_conversion(args, work_dir):
     for arch in tqdm(args.archs, desc="conversion + export"):
         out = Path(work_dir) / "exports" / arch
         start = time.perf_counter()
-        convert_and_export(arch, [*CONVERT_ARGUMENTS[arch](str(gpt2_dir), str(bert_dir), shape), "--output-dir", str(out)])
+        convert_and_export(arch, [*convert_arguments(arch, gpt2_dir, bert_dir, shape), "--output-dir", str(out)])
         seconds = time.perf_counter() - start
         size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
         rows.append({"arch": arch, "seconds": seconds, "size": args.conversion_size, "weights_mb": size / 2**20,

@@ -552,7 +552,7 @@ def training_card(model, result, adapter, num_pairs, repo_id):
     import torch
 
     from ..conversion.common import probe_batch
-    from ..conversion.scaffold import ConversionReport, model_card
+    from ..conversion.scaffold import model_card, scaffold_report
 
     config = model.config
     ids, mask = probe_batch(config.base_config.vocab_size, seq_len=min(32, config.base_config.n_positions))
@@ -561,12 +561,12 @@ def training_card(model, result, adapter, num_pairs, repo_id):
                  - model.base(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max().item()
     options = {k: getattr(config, k) for k in ("influence", "fuser_heads", "lora_r", "lora_alpha", "lora_dropout",
                                                "lora_target_modules", "train_fuser")}
-    report = ConversionReport(config.base_name_or_path, config.scaffold_name_or_path, list(config.cross_attn_layers),
-                              options, delta, model.num_parameters())
-    report.training = (
+    training = (
         f"Trained on {num_pairs} prompt/completion pairs for {result.epochs_run} epoch(s)"
         f"{' (early stop)' if result.stopped_early else ''}: validation loss {result.initial_valid_loss:.4f} -> "
         f"{result.best_valid_loss:.4f}. Fuser gates tanh(gate): {model.gate_values()}. LoRA adapter: "
         + ("merged into the scaffold's weights." if adapter == "merged" else "kept apart in `scaffold_adapter/`.")
     )
+    report = scaffold_report(config.base_name_or_path, config.scaffold_name_or_path, model, options, delta,
+                             training=training)
     return model_card(report, repo_id)
