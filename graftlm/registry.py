@@ -90,7 +90,7 @@ def _register_all():
         "AutoModelForSequenceClassification": dfa.DFAForSequenceClassification,
         "AutoModelForTokenClassification": dfa.DFAForTokenClassification,
         "AutoModelForQuestionAnswering": dfa.DFAForQuestionAnswering,
-    }, converter="graftlm.conversion.dfa", trainer="graftlm.train_dfa", decode_target=0.8, train_time_target=1.15))
+    }, converter="graftlm.conversion.dfa", trainer="graftlm.training.dfa", decode_target=0.8, train_time_target=1.15))
 
     from .configuration.configuration_bsbr import BSBRConfig
     from .modeling import modeling_bsbr as bsbr
@@ -100,13 +100,13 @@ def _register_all():
         "AutoModelForSequenceClassification": bsbr.BSBRForSequenceClassification,
         "AutoModelForTokenClassification": bsbr.BSBRForTokenClassification,
         "AutoModelForQuestionAnswering": bsbr.BSBRForQuestionAnswering,
-    }, converter="graftlm.conversion.bsbr", trainer="graftlm.train_bsbr", decode_target=0.8))
+    }, converter="graftlm.conversion.bsbr", trainer="graftlm.training.bsbr", decode_target=0.8))
 
     from .configuration.configuration_bridge import BridgeConfig
     from .modeling.modeling_bridge import BridgeForConditionalGeneration
 
     register(Architecture("bridge", "Bridged", BridgeConfig, {"AutoModelForSeq2SeqLM": BridgeForConditionalGeneration},
-                          converter="graftlm.conversion.bridge", trainer="graftlm.train_bridge", decode_target=0.75))
+                          converter="graftlm.conversion.bridge", trainer="graftlm.training.bridge", decode_target=0.75))
 
     from .configuration.configuration_scaffold import ScaffoldConfig
     from .modeling import modeling_scaffold as scaffold
@@ -116,4 +116,4 @@ def _register_all():
         "AutoModelForSequenceClassification": scaffold.ScaffoldForSequenceClassification,
         "AutoModelForTokenClassification": scaffold.ScaffoldForTokenClassification,
         "AutoModelForQuestionAnswering": scaffold.ScaffoldForQuestionAnswering,
-    }, converter="graftlm.conversion.scaffold", trainer="graftlm.train_scaffold", decode_target=0.7))
+    }, converter="graftlm.conversion.scaffold", trainer="graftlm.training.scaffold", decode_target=0.7))
