@@ -206,6 +206,15 @@ class GPT2SkeletonForCausalLM:
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def base_outputs(self, input_ids, cache, attention_mask, position_ids, inputs_embeds, use_cache, output_attentions,
+                     output_hidden_states, **base_kwargs):
+        """The base model's ModelOutput for a causal-LM forward's arguments, plus the architecture's base_kwargs."""
+        return self.transformer(
+            input_ids=input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True, **base_kwargs,
+        )
+
     def lm_logits(self, hidden_states, logits_to_keep):
         """Logits of the positions logits_to_keep selects (0: all; n: the last n; or a 1-D tensor of indices)."""
         return self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))

@@ -187,27 +187,11 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
             top_k=top_k,
         )
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        decoder_input_ids=None,
-        decoder_attention_mask=None,
-        encoder_outputs=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        decoder_inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        logits_to_keep=0,
-        num_items_in_batch=None,
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, decoder_input_ids=None,
+                decoder_attention_mask=None, encoder_outputs=None, past_key_values=None, inputs_embeds=None,
+                decoder_inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, logits_to_keep=0, num_items_in_batch=None, cache=None,
+                **kwargs):
         """Seq2seq forward. `attention_mask` is the encoder's; it masks BERT and the decoder's cross-attention.
 
         labels: (B, T) target ids, -100 where ignored. Without decoder inputs, decoder_input_ids =

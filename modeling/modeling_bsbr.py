@@ -473,19 +473,8 @@ class BSBRModel(GPT2SkeletonModel, BSBRPreTrainedModel):
         self.post_init()
 
     @capture_outputs
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,  # read by capture_outputs
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, cache=None, **kwargs):
         """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before).
 
         hidden_states and attentions are recorded by transformers' capture_outputs, as for stock GPT-2: from the call's
@@ -594,37 +583,17 @@ class BSBRForCausalLM(GPT2SkeletonForCausalLM, BSBRPreTrainedModel, GenerationMi
         slots = pick_cache(cache, past_key_values).get_max_length()
         return F.pad(attention_mask, (0, slots - attention_mask.shape[-1]))
 
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        logits_to_keep=0,
-        cache=None,
-        return_dict=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, logits_to_keep=0,
+                cache=None, return_dict=None, **kwargs):
         """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before) and is returned under the
         running release's name. Output flags left None come from the config; return_dict=False returns a tuple."""
         output_attentions, output_hidden_states, return_dict = output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )
-        out = self.transformer(
-            input_ids=input_ids,
-            cache=pick_cache(cache, past_key_values),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+        out = self.base_outputs(
+            input_ids, pick_cache(cache, past_key_values), attention_mask, position_ids, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states,
         )
         logits = self.lm_logits(out.last_hidden_state, logits_to_keep)
         loss = self.lm_loss(logits, labels, **kwargs)

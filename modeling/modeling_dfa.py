@@ -245,21 +245,9 @@ class DFAModel(GPT2SkeletonModel, DFAPreTrainedModel):
         self.post_init()
 
     @capture_outputs
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_attentions=None,  # read by capture_outputs
-        output_hidden_states=None,  # read by capture_outputs
-        output_gates=None,
-        output_regularizers=True,
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, output_gates=None,
+                output_regularizers=True, cache=None, **kwargs):
         """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before).
 
         hidden_states and attentions are recorded by transformers' capture_outputs, as for stock GPT-2: from the call's
@@ -337,24 +325,9 @@ class DFAForCausalLM(GPT2SkeletonForCausalLM, DFAPreTrainedModel, GenerationMixi
     def target_entropy(self):
         return self.config.target_entropy_ratio * math.log(self.config.n_head)
 
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        output_gates=None,
-        output_regularizers=None,
-        logits_to_keep=0,
-        cache=None,
-        return_dict=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, output_gates=None,
+                output_regularizers=None, logits_to_keep=0, cache=None, return_dict=None, **kwargs):
         """output_regularizers: compute the aux loss and its parts (default: when labels are given or in training;
         generate() skips them, so decoding pays nothing for the regulariser). The cache comes as `cache`
         (transformers >= 5.24) or `past_key_values` (before) and is returned under the running release's name.
@@ -364,18 +337,9 @@ class DFAForCausalLM(GPT2SkeletonForCausalLM, DFAPreTrainedModel, GenerationMixi
         )
         if output_regularizers is None:
             output_regularizers = labels is not None or self.training
-        out = self.transformer(
-            input_ids=input_ids,
-            cache=pick_cache(cache, past_key_values),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            output_gates=output_gates,
-            output_regularizers=output_regularizers,
-            return_dict=True,
+        out = self.base_outputs(
+            input_ids, pick_cache(cache, past_key_values), attention_mask, position_ids, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, output_gates=output_gates, output_regularizers=output_regularizers,
         )
         logits = self.lm_logits(out.last_hidden_state, logits_to_keep)
 

@@ -470,24 +470,10 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
         all_hidden.append(hidden_states)
         return hidden_states, selected_hidden_states(all_hidden, output_hidden_states), tuple(attentions) or None, cache
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        past_key_values=None,
-        position_ids=None,
-        inputs_embeds=None,
-        use_cache=None,
-        scaffold_input_ids=None,
-        scaffold_attention_mask=None,
-        scaffold_states=None,
-        scaffold_weight=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, position_ids=None, inputs_embeds=None,
+                use_cache=None, scaffold_input_ids=None, scaffold_attention_mask=None, scaffold_states=None,
+                scaffold_weight=None, output_attentions=None, output_hidden_states=None, return_dict=None, cache=None,
+                **kwargs):
         """The base GPT-2's final hidden states with the scaffold fused in (arguments as ScaffoldForCausalLM.forward)."""
         output_attentions, output_hidden_states, return_dict = output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
@@ -507,26 +493,10 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
 class ScaffoldForCausalLM(ScaffoldModel, GenerationMixin):
     _computes_base_lm_head = True
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        past_key_values=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        scaffold_input_ids=None,
-        scaffold_attention_mask=None,
-        scaffold_states=None,
-        scaffold_weight=None,
-        logits_to_keep=0,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, position_ids=None, inputs_embeds=None,
+                labels=None, use_cache=None, scaffold_input_ids=None, scaffold_attention_mask=None,
+                scaffold_states=None, scaffold_weight=None, logits_to_keep=0, output_attentions=None,
+                output_hidden_states=None, return_dict=None, cache=None, **kwargs):
         """Causal-LM forward of the base GPT-2 with the scaffold fused in.
 
         scaffold_input_ids / scaffold_attention_mask: what the scaffold reads (default: input_ids itself; with
