@@ -25,8 +25,14 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from ..configuration.configuration_bridge import BridgeConfig
-from .bridge_decoding import AdaptiveLogitsProcessor, expand_controls, likelihood_control_loss, prior_control_loss
-from .bridge_layers import BRIDGES, DecodingControls, GABridge, PopulationBridge
+from .bridge_decoding import (
+    AdaptiveLogitsProcessor,
+    DecodingControls,
+    expand_controls,
+    likelihood_control_loss,
+    prior_control_loss,
+)
+from .bridge_layers import BRIDGES, GABridge, PopulationBridge
 from .hf_compat import cache_kwargs, cache_of, check_forward_kwargs, output_flags, pick_cache, returned
 from .scalar_params import LegacyScalarsMixin
 
