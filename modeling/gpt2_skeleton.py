@@ -12,8 +12,8 @@ new modules:
     class XForCausalLM(GPT2SkeletonForCausalLM, XPreTrainedModel, GenerationMixin):   lm_head tied to wte, the loss
         base_model_class = XModel
 
-Its forward prologue reads its inputs with embedded_inputs, cache_in_use and positions_after (checked_position_ids),
-dispatches attention through attention_function, and records hidden states and attention weights with transformers'
+Its attention subclasses GPT2SkeletonAttention. Its forward prologue reads its inputs with embedded_inputs,
+cache_in_use and positions_after (checked_position_ids), dispatches attention through attention_function, and records hidden states and attention weights with transformers'
 capture_outputs (a model whose blocks are stock GPT2Blocks beside others collects them itself: selected_hidden_states).
 
 None of the input checks waits for the device (no host sync), so a decode step stays one graph under torch.compile:
@@ -104,6 +104,20 @@ def attention_function(config, eager, unset="eager"):
     any function registered with transformers' attention interface (sdpa, flash, ...), and `eager`, the
     architecture's own explicit math, for "eager"; `unset` stands in where the config names none."""
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation or unset, eager)
+
+
+class GPT2SkeletonAttention(nn.Module):
+    """Base of an architecture's self-attention (self.config: its config): attention_interface() dispatches through
+    transformers' attention interface.
+
+    transformers' set_attn_implementation() decides from the source of the model's module whether the model
+    dispatches that way: a module declaring an `...Attention(nn.Module)` class must contain the call
+    `ALL_ATTENTION_FUNCTIONS.get_interface(`, or the switch is refused with a warning
+    (PreTrainedModel._can_set_attn_implementation, 5.23 and 5.24). An attention subclassing this class is not such a
+    declaration, and the dispatch it inherits is the one above."""
+
+    def attention_interface(self, eager, unset="eager"):
+        return attention_function(self.config, eager, unset)
 
 
 def selected_hidden_states(all_hidden, output_hidden_states):

@@ -42,8 +42,8 @@ from ..configuration.configuration_bsbr import LAYER_TYPE, BSBRConfig
 from .bsbr_cache import BSBRCache, prefill_state
 from .gpt2_heads import QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
 from .gpt2_skeleton import (
-    GPT2SkeletonBlock, GPT2SkeletonForCausalLM, GPT2SkeletonModel, GPT2SkeletonPreTrainedModel,
-    attention_function, cache_in_use, checked_position_ids, embedded_inputs, positions_after,
+    GPT2SkeletonAttention, GPT2SkeletonBlock, GPT2SkeletonForCausalLM, GPT2SkeletonModel, GPT2SkeletonPreTrainedModel,
+    cache_in_use, checked_position_ids, embedded_inputs, positions_after,
 )
 from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 
@@ -147,7 +147,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, dropout=0
     return out.transpose(1, 2), weights
 
 
-class BSBRAttention(nn.Module):
+class BSBRAttention(GPT2SkeletonAttention):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config = config
@@ -190,7 +190,7 @@ class BSBRAttention(nn.Module):
         "sdpa"), or explicit math whenever the weights are wanted (output_attentions)."""
         attend = eager_attention_forward
         if not need_weights:
-            attend = attention_function(self.config, eager_attention_forward, unset="sdpa")
+            attend = self.attention_interface(eager_attention_forward, unset="sdpa")
         dropout = self.attn_dropout.p if self.training else 0.0
         out, weights = attend(self, q, k, v, mask, dropout=dropout, scaling=self.scaling, is_causal=mask is None)
         return out.transpose(1, 2), weights

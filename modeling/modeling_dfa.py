@@ -37,8 +37,8 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from ..configuration.configuration_dfa import DFAConfig
 from .gpt2_heads import QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
 from .gpt2_skeleton import (
-    GPT2SkeletonBlock, GPT2SkeletonForCausalLM, GPT2SkeletonModel, GPT2SkeletonPreTrainedModel,
-    attention_function, cache_in_use, embedded_inputs, positions_after,
+    GPT2SkeletonAttention, GPT2SkeletonBlock, GPT2SkeletonForCausalLM, GPT2SkeletonModel, GPT2SkeletonPreTrainedModel,
+    cache_in_use, embedded_inputs, positions_after,
 )
 from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 from .scalar_params import LegacyScalarsMixin, scalar_parameter
@@ -102,7 +102,7 @@ class HeadGate(nn.Module):
         return F.linear(hidden_states, self.weight, self.bias)
 
 
-class DFAAttention(nn.Module):
+class DFAAttention(GPT2SkeletonAttention):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config = config
@@ -180,7 +180,7 @@ class DFAAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
 
-        out, weights = attention_function(self.config, eager_attention_forward)(
+        out, weights = self.attention_interface(eager_attention_forward)(
             self, q, k, v, attention_mask, dropout=self.attn_dropout.p if self.training else 0.0, scaling=self.scaling
         )  # out: (batch, seq, heads, v_dim)
 
