@@ -1,7 +1,49 @@
-"""Adaptive decoding: the per-row logits processor used by generate(), and the control objectives."""
+"""Bridged's decoding controls, beside the bridges (bridge_layers.py) whose output they read: the heads predicting each
+example's temperature and top-k (DecodingControls), the per-row logits processor generate() applies them with
+(adaptive decoding), and the objectives that train them."""
+
+import math
 
 import torch
+from torch import nn
 from transformers import LogitsProcessor
+from transformers import initialization as init
+
+
+class DecodingControls(nn.Module):
+    """Per-example decoding temperature in (0, max_temperature) and top-k in [1, max_top_k] (seed 001).
+
+    Both read the mean of the bridged states over the real encoder tokens:
+    temperature = T_max * sigmoid(w_T . m + b_T), top_k = 1 + (K_max - 1) * sigmoid(w_k . m + b_k).
+    At conversion w = 0, temperature = 1 and top_k = 20 (the seed's prior), whatever the input.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.temperature_head = nn.Linear(config.decoder.n_embd, 1)
+        self.top_k_head = nn.Linear(config.decoder.n_embd, 1)
+
+    def reset_parameters(self):
+        def logit(p):
+            return math.log(p / (1 - p))
+
+        for head in (self.temperature_head, self.top_k_head):
+            init.zeros_(head.weight)
+        init.constant_(self.temperature_head.bias, logit(min(1.0 / self.config.max_temperature, 0.999)))
+        k_max = self.config.max_top_k
+        init.constant_(self.top_k_head.bias, logit(min(max((20 - 1) / max(k_max - 1, 1), 0.001), 0.999)))
+
+    def forward(self, bridged, attention_mask=None):
+        """(temperature, top_k), each (B,) float; top_k is continuous (round it for hard decoding)."""
+        if attention_mask is None:
+            pooled = bridged.mean(dim=1)
+        else:
+            real = attention_mask.to(bridged.dtype).unsqueeze(-1)  # (B, L, 1)
+            pooled = (bridged * real).sum(dim=1) / real.sum(dim=1).clamp_min(1.0)
+        temperature = self.config.max_temperature * torch.sigmoid(self.temperature_head(pooled).squeeze(-1))
+        top_k = 1 + (self.config.max_top_k - 1) * torch.sigmoid(self.top_k_head(pooled).squeeze(-1))
+        return temperature, top_k
 
 
 class AdaptiveLogitsProcessor(LogitsProcessor):
@@ -78,6 +120,7 @@ def prior_control_loss(temperature, top_k):
 
 __all__ = [
     "AdaptiveLogitsProcessor",
+    "DecodingControls",
     "expand_controls",
     "likelihood_control_loss",
     "prior_control_loss",

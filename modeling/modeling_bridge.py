@@ -25,8 +25,14 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from ..configuration.configuration_bridge import BridgeConfig
-from .bridge_decoding import AdaptiveLogitsProcessor, expand_controls, likelihood_control_loss, prior_control_loss
-from .bridge_layers import BRIDGES, DecodingControls, GABridge, PopulationBridge
+from .bridge_decoding import (
+    AdaptiveLogitsProcessor,
+    DecodingControls,
+    expand_controls,
+    likelihood_control_loss,
+    prior_control_loss,
+)
+from .bridge_layers import BRIDGES, GABridge, PopulationBridge
 from .hf_compat import cache_kwargs, cache_of, check_forward_kwargs, output_flags, pick_cache, returned
 from .scalar_params import LegacyScalarsMixin
 
@@ -192,27 +198,11 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
             top_k=top_k,
         )
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        decoder_input_ids=None,
-        decoder_attention_mask=None,
-        encoder_outputs=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        decoder_inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        logits_to_keep=0,
-        num_items_in_batch=None,
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, decoder_input_ids=None,
+                decoder_attention_mask=None, encoder_outputs=None, past_key_values=None, inputs_embeds=None,
+                decoder_inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, logits_to_keep=0, num_items_in_batch=None, cache=None,
+                **kwargs):
         """Seq2seq forward. `attention_mask` is the encoder's; it masks BERT and the decoder's cross-attention.
 
         labels: (B, T) target ids, -100 where ignored. Without decoder inputs, decoder_input_ids =

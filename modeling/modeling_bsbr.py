@@ -18,12 +18,12 @@ mask or a cache: transformers' padding-free layout) gives each sequence chunks o
 chunks only, so each gets what it would get alone (TokenLayout). No n x n tensor is built: the local term is a
 (batch, heads * n_chunks, B, B) SDPA, the retrieval term costs O((n/B)^2 * heads * state_dim * head_dim).
 
-transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
-initialization, modeling_layers.GradientCheckpointingLayer, modeling_outputs.{BaseModelOutputWithPast,
-CausalLMOutputWithPast},
-modeling_utils.{ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep},
-models.gpt2.modeling_gpt2.GPT2MLP, pytorch_utils.Conv1D, utils.output_capturing.{OutputRecorder, capture_outputs},
-and cache_utils (bsbr_cache.py). The cache's name differs between releases: hf_compat.CACHE_NAME.
+GPT-2's modules, initialisation, input checks and tied head come from gpt2_skeleton.py.
+
+transformers internals imported here (beyond its top-level API and gpt2_skeleton's), on every release in hf_compat's
+range: initialization, modeling_outputs.{BaseModelOutputWithPast, CausalLMOutputWithPast}, pytorch_utils.Conv1D,
+utils.output_capturing.{OutputRecorder, capture_outputs}, and cache_utils (bsbr_cache.py). The cache's name differs
+between releases: hf_compat.CACHE_NAME.
 """
 
 import math
@@ -32,19 +32,19 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration.configuration_bsbr import LAYER_TYPE, BSBRConfig
 from .bsbr_cache import BSBRCache, prefill_state
 from .gpt2_heads import QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
-from .gpt2_inputs import checked_position_ids
+from .gpt2_skeleton import (
+    GPT2SkeletonAttention, GPT2SkeletonBlock, GPT2SkeletonForCausalLM, GPT2SkeletonModel, GPT2SkeletonPreTrainedModel,
+    cache_in_use, checked_position_ids, embedded_inputs, positions_after,
+)
 from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 
 
@@ -147,7 +147,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, dropout=0
     return out.transpose(1, 2), weights
 
 
-class BSBRAttention(nn.Module):
+class BSBRAttention(GPT2SkeletonAttention):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config = config
@@ -188,10 +188,9 @@ class BSBRAttention(nn.Module):
         """Softmax attention of q over k/v (b, heads, tokens, d), causal where `mask` (True: may read) is None:
         (out, weights or None), by the config's attn_implementation (eager_attention_forward, or transformers'
         "sdpa"), or explicit math whenever the weights are wanted (output_attentions)."""
-        implementation = self.config._attn_implementation or "sdpa"
         attend = eager_attention_forward
         if not need_weights:
-            attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+            attend = self.attention_interface(eager_attention_forward, unset="sdpa")
         dropout = self.attn_dropout.p if self.training else 0.0
         out, weights = attend(self, q, k, v, mask, dropout=dropout, scaling=self.scaling, is_causal=mask is None)
         return out.transpose(1, 2), weights
@@ -421,16 +420,8 @@ class BSBRAttention(nn.Module):
         st.k_buf, st.v_buf, st.p_buf = st.k_buf.clone(), st.v_buf.clone(), st.p_buf.clone()
 
 
-class BSBRBlock(GradientCheckpointingLayer):
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = BSBRAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = GPT2MLP(inner_dim, config)
-        for projection in (self.attn.c_proj, self.mlp.c_proj):
-            projection.residual_projection = True  # scaled init (_init_weights)
+class BSBRBlock(GPT2SkeletonBlock):
+    attention_class = BSBRAttention
 
     def forward(self, hidden_states, layout, layer_state=None, output_attentions=False, **kwargs):
         """hidden_states (b, n, n_embd) in input order, computed in the TokenLayout `layout` and returned in input
@@ -441,20 +432,15 @@ class BSBRBlock(GradientCheckpointingLayer):
         return layout.restore(hidden_states + self.mlp(self.ln_2(hidden_states))), weights
 
 
-class BSBRPreTrainedModel(PreTrainedModel):
+class BSBRPreTrainedModel(GPT2SkeletonPreTrainedModel):
     config: BSBRConfig
     config_class = BSBRConfig
-    base_model_prefix = "transformer"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["BSBRBlock"]
-    _skip_keys_device_placement = ["past_key_values", "cache"]
-    # The local term runs through ALL_ATTENTION_FUNCTIONS (eager, sdpa, or a registered function taking a boolean
-    # mask); packed rows (position_ids restarting, no mask, no cache) are split into their sequences (TokenLayout).
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    # StaticCache holds BSBRStaticLayer layers (bsbr_cache.py), whose decode step compiles to one graph; chunks are
-    # counted over a 2-D attention_mask, so no custom 4-D masks (model card).
-    _can_compile_fullgraph = True
+    # Declared as stock GPT-2 declares them (GPT2SkeletonPreTrainedModel). The local term runs through
+    # ALL_ATTENTION_FUNCTIONS (eager, sdpa, or a registered function taking a boolean mask); packed rows
+    # (position_ids restarting, no mask, no cache) are split into their sequences (TokenLayout). StaticCache holds
+    # BSBRStaticLayer layers (bsbr_cache.py), whose decode step compiles to one graph; chunks are counted over a 2-D
+    # attention_mask, so no custom 4-D masks (model card).
     # What capture_outputs records in BSBRModel.forward: each block's output, in input order (the first hidden state
     # is the first block's input; the last is replaced by ln_f's output), and each attention's local weights
     # (BSBRAttention returns (output, weights)).
@@ -467,7 +453,6 @@ class BSBRPreTrainedModel(PreTrainedModel):
     # these two and the float32 lists; peft's modules_to_save is the strict float32 list.
     _new_modules_in_model_dtype = ["meta_r_proj", "meta_h_proj"]
     _identity_parameters = r"retrieval_gate"
-    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -476,15 +461,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, Conv1D):
-            # GPT-2's scaled init of the residual projections (std / sqrt(2 * n_layer)), marked by the blocks: for
-            # remote code, transformers initialises only modules holding parameters, so this happens at the leaf.
-            scale = math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_projection", False) else 1.0
-            init.normal_(module.weight, mean=0.0, std=std / scale)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+        super()._init_weights(module)  # GPT-2's, with the residual projections scaled
         # transformers calls this only for modules that hold parameters themselves: each new module is initialised
         # under its own class.
         if isinstance(module, RetrievalGate):
@@ -493,37 +470,16 @@ class BSBRPreTrainedModel(PreTrainedModel):
             init.copy_(module.weight, block_average(module.in_features, module.in_features // module.out_features))
 
 
-class BSBRModel(BSBRPreTrainedModel):
+class BSBRModel(GPT2SkeletonModel, BSBRPreTrainedModel):
+    block_class = BSBRBlock
+
     def __init__(self, config):
         super().__init__(config)
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList([BSBRBlock(config, i) for i in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.wte
-
-    def set_input_embeddings(self, new_embeddings):
-        self.wte = new_embeddings
-
     @capture_outputs
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,  # read by capture_outputs
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, cache=None, **kwargs):
         """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before).
 
         hidden_states and attentions are recorded by transformers' capture_outputs, as for stock GPT-2: from the call's
@@ -532,8 +488,7 @@ class BSBRModel(BSBRPreTrainedModel):
         the local weights are computed only when asked for."""
         cache = pick_cache(cache, past_key_values)
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        inputs_embeds = embedded_inputs(self.wte, input_ids, inputs_embeds)
         if cache is not None and (len(cache.layers) != self.config.n_layer
                                   or any(getattr(layer, "_layer_type", None) != LAYER_TYPE for layer in cache.layers)):
             raise TypeError(
@@ -541,14 +496,8 @@ class BSBRModel(BSBRPreTrainedModel):
                 f"DynamicCache(config=config) or StaticCache(config=config, max_cache_len=...) built from the model's "
                 f"config, got a {type(cache).__name__} with layers {[type(layer).__name__ for layer in cache.layers]}"
             )
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
         batch, seq = inputs_embeds.shape[:2]
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and cache is None:
-            cache = BSBRCache(self.config)
-        if not use_cache:
-            cache = None
+        cache = cache_in_use(self.config, self.training, cache, use_cache, lambda: BSBRCache(self.config))
         packed = position_ids is not None and attention_mask is None and cache is None  # possibly packed rows
         # By layer type, not class: every export registers its own copy of the layer classes with transformers (the
         # last one imported builds the caches), and they are interchangeable.
@@ -557,13 +506,12 @@ class BSBRModel(BSBRPreTrainedModel):
             past_length, prefilled = cache.layers[0].seen, cache.layers[0].initialized
             position_ids, real = self._static_inputs(cache.layers[0], inputs_embeds, attention_mask, position_ids)
         else:
-            past_length = cache.get_seq_length() if cache is not None else 0
-            prefilled = past_length != 0
-            position_ids = checked_position_ids(
-                inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
+            past_length, position_ids = positions_after(
+                cache, inputs_embeds, self.config.n_positions, attention_mask, position_ids
             )
+            prefilled = past_length != 0
             real = self._real_tokens(attention_mask, batch, seq, past_length, inputs_embeds.device)
-        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+        hidden_states = self.embedded_positions(inputs_embeds, position_ids)
 
         # Where each token sits in the chunked computation (TokenLayout): without a filled cache, each row's real
         # tokens first, so that its chunks start at its first real token (always, not only when padding is present:
@@ -626,20 +574,8 @@ class BSBRModel(BSBRPreTrainedModel):
         return attention_mask[:, past_length:].bool()
 
 
-class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.transformer = BSBRModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
+class BSBRForCausalLM(GPT2SkeletonForCausalLM, BSBRPreTrainedModel, GenerationMixin):
+    base_model_class = BSBRModel
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, cache=None,
                                   **kwargs):
@@ -652,44 +588,20 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         slots = pick_cache(cache, past_key_values).get_max_length()
         return F.pad(attention_mask, (0, slots - attention_mask.shape[-1]))
 
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        logits_to_keep=0,
-        cache=None,
-        return_dict=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, logits_to_keep=0,
+                cache=None, return_dict=None, **kwargs):
         """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before) and is returned under the
         running release's name. Output flags left None come from the config; return_dict=False returns a tuple."""
         output_attentions, output_hidden_states, return_dict = output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )
-        out = self.transformer(
-            input_ids=input_ids,
-            cache=pick_cache(cache, past_key_values),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+        out = self.base_outputs(
+            input_ids, pick_cache(cache, past_key_values), attention_mask, position_ids, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states,
         )
-        hidden = out.last_hidden_state
-        hidden = slice_logits_to_keep(hidden, logits_to_keep)
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits = self.lm_logits(out.last_hidden_state, logits_to_keep)
+        loss = self.lm_loss(logits, labels, **kwargs)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
             **cache_kwargs(cache_of(out)),

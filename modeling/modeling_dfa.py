@@ -10,11 +10,12 @@ A converted model therefore computes exactly what the stock GPT-2 computed; trai
 The masks and lambda live in small modules (HeadDimMasks, EntropyBalance) that are called, so peft's modules_to_save
 can train them (it swaps in the adapter's copy of a module; a bare nn.Parameter would stay frozen).
 
-transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
-cache_utils.DynamicCache, initialization, masking_utils.create_causal_mask, modeling_layers.GradientCheckpointingLayer,
-modeling_outputs.{BaseModelOutputWithPast, CausalLMOutputWithPast}, modeling_utils.{ALL_ATTENTION_FUNCTIONS,
-slice_logits_to_keep}, models.gpt2.modeling_gpt2.{GPT2MLP, eager_attention_forward}, pytorch_utils.Conv1D,
-utils.output_capturing.{OutputRecorder, capture_outputs}.
+GPT-2's modules, initialisation, input checks and tied head come from gpt2_skeleton.py.
+
+transformers internals imported here (beyond its top-level API and gpt2_skeleton's), on every release in hf_compat's
+range: cache_utils.DynamicCache, initialization, masking_utils.create_causal_mask,
+modeling_outputs.{BaseModelOutputWithPast, CausalLMOutputWithPast}, models.gpt2.modeling_gpt2.eager_attention_forward,
+pytorch_utils.Conv1D, utils.output_capturing.{OutputRecorder, capture_outputs}.
 The cache's name differs between releases: hf_compat.CACHE_NAME.
 """
 
@@ -24,20 +25,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, eager_attention_forward
+from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 from transformers.pytorch_utils import Conv1D
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration.configuration_dfa import DFAConfig
 from .gpt2_heads import QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
-from .gpt2_inputs import checked_position_ids
+from .gpt2_skeleton import (
+    GPT2SkeletonAttention, GPT2SkeletonBlock, GPT2SkeletonForCausalLM, GPT2SkeletonModel, GPT2SkeletonPreTrainedModel,
+    cache_in_use, embedded_inputs, positions_after,
+)
 from .hf_compat import cache_kwargs, cache_of, output_flags, pick_cache, returned
 from .scalar_params import LegacyScalarsMixin, scalar_parameter
 
@@ -100,7 +102,7 @@ class HeadGate(nn.Module):
         return F.linear(hidden_states, self.weight, self.bias)
 
 
-class DFAAttention(nn.Module):
+class DFAAttention(GPT2SkeletonAttention):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config = config
@@ -178,11 +180,7 @@ class DFAAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
 
-        # config._attn_implementation follows set_attn_implementation() after loading (eager, sdpa, or a registered
-        # attention function).
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "eager",
-                                                          eager_attention_forward)
-        out, weights = attention(
+        out, weights = self.attention_interface(eager_attention_forward)(
             self, q, k, v, attention_mask, dropout=self.attn_dropout.p if self.training else 0.0, scaling=self.scaling
         )  # out: (batch, seq, heads, v_dim)
 
@@ -194,16 +192,8 @@ class DFAAttention(nn.Module):
         return self.resid_dropout(out), weights, probs, gates, masks
 
 
-class DFABlock(GradientCheckpointingLayer):
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = DFAAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = GPT2MLP(inner_dim, config)
-        for projection in (self.attn.c_proj, self.mlp.c_proj):
-            projection.residual_projection = True  # scaled init (_init_weights)
+class DFABlock(GPT2SkeletonBlock):
+    attention_class = DFAAttention
 
     def forward(self, hidden_states, attention_mask=None, cache=None, first_token_index=None, **kwargs):
         attn_out, weights, probs, gates, masks = self.attn(
@@ -214,20 +204,14 @@ class DFABlock(GradientCheckpointingLayer):
         return hidden_states, weights, probs, gates, masks
 
 
-class DFAPreTrainedModel(LegacyScalarsMixin, PreTrainedModel):
+class DFAPreTrainedModel(LegacyScalarsMixin, GPT2SkeletonPreTrainedModel):
     config: DFAConfig
     config_class = DFAConfig
-    base_model_prefix = "transformer"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["DFABlock"]
-    _skip_keys_device_placement = ["past_key_values", "cache"]
-    # As stock GPT-2 declares them: any registered attention function (eager, sdpa, ... ) through
-    # ALL_ATTENTION_FUNCTIONS, masks from create_causal_mask (custom 4-D masks, packed rows restarting position_ids),
-    # and a decode step that torch.compile traces as one graph with a static cache. Not flash attention: prune() can
-    # leave q/k and v head dimensions of different sizes, and it is untested here (no GPU in CI).
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    _can_compile_fullgraph = True
+    # As stock GPT-2 declares them (GPT2SkeletonPreTrainedModel): any registered attention function (eager, sdpa, ...)
+    # through ALL_ATTENTION_FUNCTIONS, masks from create_causal_mask (custom 4-D masks, packed rows restarting
+    # position_ids), and a decode step that torch.compile traces as one graph with a static cache. Not flash
+    # attention: prune() can leave q/k and v head dimensions of different sizes, and it is untested here (no GPU in CI).
     # What capture_outputs records in DFAModel.forward: each block's output (the first hidden state is the first
     # block's input; the last is replaced by ln_f's output) and each attention's weights (DFAAttention returns
     # (output, weights, gate probs, gates, masks)).
@@ -241,19 +225,10 @@ class DFAPreTrainedModel(LegacyScalarsMixin, PreTrainedModel):
     # these two and the float32 lists; peft's modules_to_save is the strict float32 list.
     _new_modules_in_model_dtype = []
     _identity_parameters = r"attn\.(c_gate|dim_masks)\."
-    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
 
     @torch.no_grad()
     def _init_weights(self, module):
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, Conv1D):
-            # GPT-2's scaled init of the residual projections (std / sqrt(2 * n_layer)), marked by the blocks: for
-            # remote code, transformers initialises only modules holding parameters, so this happens at the leaf.
-            scale = math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_projection", False) else 1.0
-            init.normal_(module.weight, mean=0.0, std=std / scale)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+        super()._init_weights(module)  # GPT-2's, with the residual projections scaled
         # Identity at conversion: uniform gates (g = 1) and masks of exactly 1. (transformers calls this only for
         # modules that hold parameters themselves, so each new module is initialised under its own class.)
         if isinstance(module, HeadGate):
@@ -266,40 +241,18 @@ class DFAPreTrainedModel(LegacyScalarsMixin, PreTrainedModel):
             init.constant_(module.log_weight, math.log(self.config.entropy_weight_init))
 
 
-class DFAModel(DFAPreTrainedModel):
+class DFAModel(GPT2SkeletonModel, DFAPreTrainedModel):
+    block_class = DFABlock
+
     def __init__(self, config):
         super().__init__(config)
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList([DFABlock(config, i) for i in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.entropy_balance = EntropyBalance(config.entropy_weight_init)
-        self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.wte
-
-    def set_input_embeddings(self, new_embeddings):
-        self.wte = new_embeddings
-
     @capture_outputs
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_attentions=None,  # read by capture_outputs
-        output_hidden_states=None,  # read by capture_outputs
-        output_gates=None,
-        output_regularizers=True,
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, output_gates=None,
+                output_regularizers=True, cache=None, **kwargs):
         """The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (before).
 
         hidden_states and attentions are recorded by transformers' capture_outputs, as for stock GPT-2: from the call's
@@ -309,19 +262,11 @@ class DFAModel(DFAPreTrainedModel):
         # Rows packing several sequences, position_ids restarting at each (create_causal_mask keeps them apart where
         # there is neither a mask nor a cache, for stock GPT-2 too).
         packed = position_ids is not None and attention_mask is None
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
+        inputs_embeds = embedded_inputs(self.wte, input_ids, inputs_embeds)
         batch, seq = inputs_embeds.shape[:2]
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if not use_cache:
-            cache = None
-        past_length = cache.get_seq_length() if cache is not None else 0
-        position_ids = checked_position_ids(
-            inputs_embeds, past_length, self.config.n_positions, attention_mask, position_ids
+        cache = cache_in_use(self.config, self.training, cache, use_cache, lambda: DynamicCache(config=self.config))
+        past_length, position_ids = positions_after(
+            cache, inputs_embeds, self.config.n_positions, attention_mask, position_ids
         )
         mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
         if mask_2d is not None:
@@ -338,7 +283,7 @@ class DFAModel(DFAPreTrainedModel):
             position_ids=position_ids,
             **cache_kwargs(cache),
         )
-        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+        hidden_states = self.embedded_positions(inputs_embeds, position_ids)
 
         all_gates, entropies, all_masks = [], [], []
         for block in self.h:
@@ -379,42 +324,15 @@ class DFAModel(DFAPreTrainedModel):
         return torch.stack(counts).sum() / (2 * self.config.n_layer * self.config.n_embd)
 
 
-class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.transformer = DFAModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
+class DFAForCausalLM(GPT2SkeletonForCausalLM, DFAPreTrainedModel, GenerationMixin):
+    base_model_class = DFAModel
 
     def target_entropy(self):
         return self.config.target_entropy_ratio * math.log(self.config.n_head)
 
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        output_gates=None,
-        output_regularizers=None,
-        logits_to_keep=0,
-        cache=None,
-        return_dict=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, output_gates=None,
+                output_regularizers=None, logits_to_keep=0, cache=None, return_dict=None, **kwargs):
         """output_regularizers: compute the aux loss and its parts (default: when labels are given or in training;
         generate() skips them, so decoding pays nothing for the regulariser). The cache comes as `cache`
         (transformers >= 5.24) or `past_key_values` (before) and is returned under the running release's name.
@@ -424,22 +342,11 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
         )
         if output_regularizers is None:
             output_regularizers = labels is not None or self.training
-        out = self.transformer(
-            input_ids=input_ids,
-            cache=pick_cache(cache, past_key_values),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            output_gates=output_gates,
-            output_regularizers=output_regularizers,
-            return_dict=True,
+        out = self.base_outputs(
+            input_ids, pick_cache(cache, past_key_values), attention_mask, position_ids, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, output_gates=output_gates, output_regularizers=output_regularizers,
         )
-        hidden = out.last_hidden_state
-        hidden = slice_logits_to_keep(hidden, logits_to_keep)
-        logits = self.lm_head(hidden)
+        logits = self.lm_logits(out.last_hidden_state, logits_to_keep)
 
         aux_loss = entropy = weight = active = ce_loss = loss = None
         if output_regularizers:
@@ -451,8 +358,7 @@ class DFAForCausalLM(DFAPreTrainedModel, GenerationMixin):
             aux_loss = aux_loss + self.config.mask_sparsity_weight * out.mask_mean
             entropy, weight, active = entropy.detach(), weight.detach(), out.active_dim_fraction
         if labels is not None:
-            ce_loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = ce_loss
+            ce_loss = loss = self.lm_loss(logits, labels, **kwargs)
             if aux_loss is not None:
                 # Trainer passes num_items_in_batch (shifted labels of the accumulated batch on all processes) and
                 # then averages neither over accumulation steps nor over processes, as ce_loss is already scaled:

@@ -16,7 +16,7 @@ generation every new token reads the whole prompt, whose scaffold states are com
 
 transformers internals imported here (beyond its top-level API), on every release in hf_compat's range:
 cache_utils.DynamicCache, initialization, masking_utils.create_causal_mask, modeling_layers.GradientCheckpointingLayer,
-modeling_outputs.CausalLMOutputWithPast, modeling_utils.{ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep},
+modeling_outputs.CausalLMOutputWithPast, modeling_utils.slice_logits_to_keep (and gpt2_skeleton's),
 models.gpt2.modeling_gpt2.eager_attention_forward, utils.{TransformersKwargs, cached_file}; GPT2LMHeadModel's
 submodules (transformer.wte/wpe/drop/h/ln_f, GPT2Block called by keyword) and _gradient_checkpointing_func.
 The cache's name differs between releases: hf_compat.CACHE_NAME.
@@ -32,13 +32,19 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 from transformers.utils import TransformersKwargs, cached_file
 
 from ..configuration.configuration_scaffold import ScaffoldConfig
 from .gpt2_heads import QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
-from .gpt2_inputs import checked_position_ids
+from .gpt2_skeleton import (
+    attention_function,
+    cache_in_use,
+    embedded_inputs,
+    positions_after,
+    selected_hidden_states,
+)
 from .hf_compat import cache_kwargs, check_forward_kwargs, output_flags, pick_cache, returned
 from .scaffold_lora import (
     ADAPTER_SUBFOLDER,
@@ -129,9 +135,7 @@ class ScaffoldFuser(GradientCheckpointingLayer):
         x = hidden_states.to(self.ln.weight.dtype)  # the fuser stays float32 under fp16/bf16 (_keep_in_fp32_modules)
         q = self.q_proj(self.ln(x)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         attention_mask = attention_mask.to(q.dtype)
-        attention = eager_attention_forward
-        if self.config._attn_implementation not in (None, "eager"):
-            attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attention = attention_function(self.config, eager_attention_forward)
         out, _ = attention(self, q, key, value, attention_mask, dropout=0.0, scaling=self.scaling)  # (b, seq, h, d)
         out = self.o_proj(out.reshape(batch, seq, width)) * has_key[..., None].to(out.dtype)
         return hidden_states + ((weight * self.config.influence) * torch.tanh(self.gate) * out).to(hidden_states.dtype)
@@ -416,23 +420,15 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
         """The base GPT-2 with the scaffold fused in: (last hidden state, hidden states, attentions, cache)."""
         if scaffold_weight is None and self._generating is not None:
             scaffold_weight = self._generating.weight
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        weight = _check_weight(scaffold_weight)
-        gpt2 = self.base.transformer
+        gpt2, base_config = self.base.transformer, self.config.base_config
         ids_or_embeds = input_ids
-        if inputs_embeds is None:
-            inputs_embeds = gpt2.wte(input_ids)
+        inputs_embeds = embedded_inputs(gpt2.wte, input_ids, inputs_embeds)
+        weight = _check_weight(scaffold_weight)
         batch, seq = inputs_embeds.shape[:2]
-        use_cache = use_cache if use_cache is not None else (self.config.base_config.use_cache and not self.training)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config.base_config)
-        if not use_cache:
-            cache = None
-        past_length = cache.get_seq_length() if cache is not None else 0
+        cache = cache_in_use(base_config, self.training, cache, use_cache, lambda: DynamicCache(config=base_config))
         given_positions = position_ids
-        position_ids = checked_position_ids(
-            inputs_embeds, past_length, self.config.base_config.n_positions, attention_mask, position_ids
+        past_length, position_ids = positions_after(
+            cache, inputs_embeds, base_config.n_positions, attention_mask, position_ids
         )
 
         context = cross_mask = has_key = None
@@ -449,7 +445,7 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
             )
 
         causal_mask = create_causal_mask(
-            config=self.config.base_config,
+            config=base_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -466,7 +462,7 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
             for i, block in enumerate(gpt2.h):
                 all_hidden.append(hidden_states)
                 hidden_states = block(
-                    hidden_states, attention_mask=causal_mask, use_cache=use_cache, position_ids=position_ids,
+                    hidden_states, attention_mask=causal_mask, use_cache=cache is not None, position_ids=position_ids,
                     **cache_kwargs(cache),
                 )
                 fuser = self.fusers[str(i)] if str(i) in self.fusers else None
@@ -477,26 +473,12 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
                 hook.remove()
         hidden_states = gpt2.ln_f(hidden_states)
         all_hidden.append(hidden_states)
-        return hidden_states, _selected(all_hidden, output_hidden_states), tuple(attentions) or None, cache
+        return hidden_states, selected_hidden_states(all_hidden, output_hidden_states), tuple(attentions) or None, cache
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        past_key_values=None,
-        position_ids=None,
-        inputs_embeds=None,
-        use_cache=None,
-        scaffold_input_ids=None,
-        scaffold_attention_mask=None,
-        scaffold_states=None,
-        scaffold_weight=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, position_ids=None, inputs_embeds=None,
+                use_cache=None, scaffold_input_ids=None, scaffold_attention_mask=None, scaffold_states=None,
+                scaffold_weight=None, output_attentions=None, output_hidden_states=None, return_dict=None, cache=None,
+                **kwargs):
         """The base GPT-2's final hidden states with the scaffold fused in (arguments as ScaffoldForCausalLM.forward)."""
         output_attentions, output_hidden_states, return_dict = output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
@@ -513,40 +495,13 @@ class ScaffoldModel(ScaffoldPreTrainedModel):
         return returned(output, return_dict)
 
 
-def _selected(all_hidden, output_hidden_states):
-    """The hidden states asked for: all (True), none (False/None), or those at the given indices (a list, as
-    transformers 5 reads output_hidden_states=[...]: the others are None; negative indices count from the end)."""
-    if not output_hidden_states:
-        return None
-    if output_hidden_states is True:
-        return tuple(all_hidden)
-    keep = {i % len(all_hidden) for i in output_hidden_states}
-    return tuple(h if i in keep else None for i, h in enumerate(all_hidden))
-
-
 class ScaffoldForCausalLM(ScaffoldModel, GenerationMixin):
     _computes_base_lm_head = True
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        past_key_values=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        scaffold_input_ids=None,
-        scaffold_attention_mask=None,
-        scaffold_states=None,
-        scaffold_weight=None,
-        logits_to_keep=0,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        cache=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, position_ids=None, inputs_embeds=None,
+                labels=None, use_cache=None, scaffold_input_ids=None, scaffold_attention_mask=None,
+                scaffold_states=None, scaffold_weight=None, logits_to_keep=0, output_attentions=None,
+                output_hidden_states=None, return_dict=None, cache=None, **kwargs):
         """Causal-LM forward of the base GPT-2 with the scaffold fused in.
 
         scaffold_input_ids / scaffold_attention_mask: what the scaffold reads (default: input_ids itself; with
