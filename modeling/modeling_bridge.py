@@ -33,6 +33,7 @@ from .bridge_decoding import (
     prior_control_loss,
 )
 from .bridge_layers import BRIDGES, GABridge, PopulationBridge
+from .gpt2_skeleton import checked_position_ids
 from .hf_compat import cache_kwargs, cache_of, check_forward_kwargs, output_flags, pick_cache, returned
 from .scalar_params import LegacyScalarsMixin
 
@@ -229,6 +230,10 @@ class BridgeForConditionalGeneration(BridgePreTrainedModel, GenerationMixin):
             if decoder_attention_mask is None:
                 decoder_attention_mask = decoder_mask_from_labels(labels)
 
+        decoder_inputs = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
+        if decoder_inputs is not None:  # stock GPT-2 indexes its position table unchecked: refuse a too-long input here
+            checked_position_ids(decoder_inputs, 0 if cache is None else cache.get_seq_length(),
+                                 self.config.decoder.n_positions)
         decoder_kwargs = {k: v for k, v in (("output_attentions", output_attentions),
                                             ("output_hidden_states", output_hidden_states)) if v}
         if kwargs.get("decoder_position_ids") is not None:
