@@ -7,6 +7,7 @@ transformers-contract tests (the causal LMs: Bridged, a seq2seq model, is built 
 
 import copy
 import functools
+import re
 import tempfile
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def build(arch, model="lm", seed=0, **overrides):
     model = (lm_class if model == "lm" else base_class)(config).eval()
     with torch.no_grad():  # open the identity-initialised modules, so the new architecture shapes the outputs
         for name, param in model.named_parameters():
-            if "retrieval_gate" in name or "c_gate" in name or (name.startswith("fusers.") and name.endswith(".gate")):
+            if re.search(type(model)._identity_parameters, name):
                 param.normal_()
         if hasattr(model, "scaffold"):  # one token embedding for both GPT-2s, as a scaffold converted from the base has
             model.scaffold.transformer.wte.weight.copy_(model.base.transformer.wte.weight)
