@@ -152,7 +152,7 @@ def train_scaffold_arm(base, layers, tokenizer, train_pairs, valid_pairs, option
                 param.requires_grad_(False)
     elif arm == "scaffold-only":
         model.config.train_fuser = False
-        model._set_trainable()
+        model.freeze_base()
         with torch.no_grad():
             for fuser in model.fusers.values():
                 fuser.gate.fill_(math.atanh(open_gate))
