@@ -3,7 +3,6 @@
 import contextlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -235,18 +234,3 @@ def modules_to_save(model):
         else:
             names.append(name)
     return names
-
-
-@torch.no_grad()
-def open_identity_parameters(model, scale=0.5, seed=0):
-    """Add seeded noise to the parameters that start the new modules as the identity (the model class's
-    _identity_parameters), as training would open them; returns their names."""
-    pattern = type(model)._identity_parameters
-    generator = torch.Generator().manual_seed(seed)
-    opened = [name for name, _ in model.named_parameters() if re.search(pattern, name)]
-    if not opened:
-        raise ValueError(f"no parameter of {type(model).__name__} matches _identity_parameters {pattern!r}")
-    params = dict(model.named_parameters())
-    for name in opened:
-        params[name].add_(scale * torch.randn(params[name].shape, generator=generator))
-    return opened

@@ -69,7 +69,7 @@ def open_new_modules(model, arch, scale=0.5, seed=0):
     """Add seeded noise to the architecture's identity-initialised parameters (its model class's
     _identity_parameters), so that every integration runs through the new architecture, not through a copy of stock
     GPT-2; returns their names."""
-    from graftlm.conversion.common import open_identity_parameters
+    from graftlm.bench.measure import open_identity_parameters
 
     assert type(model).config_class.model_type == registry.by_name(arch).model_type, (arch, type(model).__name__)
     return open_identity_parameters(model, scale=scale, seed=seed)

@@ -137,10 +137,24 @@ def convert_arguments(arch, gpt2_dir, bert_dir, shape):
     return example_arguments(arch, gpt2_dir, gpt2_dir, bert_dir, {**shape, "controls": False})
 
 
+@torch.no_grad()
+def open_identity_parameters(model, scale=0.5, seed=0):
+    """Add seeded noise to the parameters that start the new modules as the identity (the model class's
+    _identity_parameters), as training would open them; returns their names."""
+    pattern = type(model)._identity_parameters
+    generator = torch.Generator().manual_seed(seed)
+    opened = [name for name, _ in model.named_parameters() if re.search(pattern, name)]
+    if not opened:
+        raise ValueError(f"no parameter of {type(model).__name__} matches _identity_parameters {pattern!r}")
+    params = dict(model.named_parameters())
+    for name in opened:
+        params[name].add_(scale * torch.randn(params[name].shape, generator=generator))
+    return opened
+
+
 def convert(arch, gpt2_dir, bert_dir, shape):
     """The converted model (eval mode) with its identity-initialised parameters opened with noise, as training would
     open them, so that every branch runs."""
-    from ..conversion.common import open_identity_parameters
     from ..convert import converted_model
 
     model, _ = converted_model(arch, convert_arguments(arch, gpt2_dir, bert_dir, shape))
