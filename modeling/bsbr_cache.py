@@ -43,7 +43,7 @@ def prefill_state(record, lengths, capacity=None):
     rows = torch.arange(len(lengths), device=lengths.device)
     keep = (torch.arange(chunk, device=lengths.device) < fill[:, None]).float()  # (b, B)
     kf_open = record["kf"][rows, :, open_chunk] * keep[:, None, :, None]  # (b, h, B, s)
-    done = int(open_chunk.max())
+    done, fill_bound = torch.stack((open_chunk.max(), fill.max())).tolist()  # one host synchronisation
     stores = (record["states"][:, :, :done], record["norms"][:, :, :done], record["meta_h"][:, :, :done])
     if capacity is not None:  # a static layer's stores hold `capacity` chunks from the start
         if done > capacity:
@@ -55,7 +55,7 @@ def prefill_state(record, lengths, capacity=None):
         z_run=kf_open.sum(-2), x_run=(record["xc"][rows, open_chunk] * keep[..., None]).sum(1), fill=fill,
         chunks=open_chunk, f_store=stores[0].clone(), z_store=stores[1].clone(), h_store=stores[2].clone(),
         s_cur=record["s_all"][rows, :, open_chunk],
-        u_cur=record["u_all"][rows, :, open_chunk],
+        u_cur=record["u_all"][rows, :, open_chunk], fill_bound=fill_bound,
     )
 
 
@@ -75,6 +75,9 @@ class BSBRLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs):
         self.seen = 0
+        # On the host: no row's fill exceeds it (None: not known). A decode step synchronises with the host only
+        # where the token it adds may complete a chunk (BSBRAttention._decode_step).
+        self.fill_bound = None
         self.record_past = False
         self.history = []  # while recording: the tensors before each decode step since the last crop
         self.prefill = None  # while recording: what the prefill computed, to crop back into it (prefill_state)
@@ -101,12 +104,15 @@ class BSBRLayer(CacheLayerMixin):
         """(batch, heads, tokens, head_dim): the values of the open chunk."""
         return None if self.v_buf is None else self.v_buf[:, :, : int(self.fill.max())]
 
-    def set(self, **tensors):
+    def set(self, fill_bound=None, **tensors):
+        """Replace tensors; a new `fill` comes with its host-side bound (fill_bound, None where not known)."""
         unknown = set(tensors) - set(_TENSORS)
         if unknown:
             raise KeyError(f"unknown BSBR cache tensors: {sorted(unknown)}")
         for name, value in tensors.items():
             setattr(self, name, value)
+        if "fill" in tensors:
+            self.fill_bound = fill_bound
 
     def advance(self, **tensors):
         """A decode step's new tensors: they replace the old ones (kept by reference while recording the past)."""

@@ -324,6 +324,7 @@ class BSBRAttention(GPT2SkeletonAttention):
         through BSBRLayer.advance. Returns (out (b, h, d), weights (b, h, length) over input slots or None)."""
         b, h, d = q.shape
         chunk = self.chunk
+        fill_bound = None if st.is_compileable else st.fill_bound  # before this token (advance() replaces it)
         slot_index = st.fill.view(b, 1, 1, 1).expand(b, h, 1, d)
         st.k_buf.scatter_(2, slot_index, k[:, :, None])  # in place: the cache owns its buffers (no copy per step)
         st.v_buf.scatter_(2, slot_index, v[:, :, None])
@@ -347,8 +348,14 @@ class BSBRAttention(GPT2SkeletonAttention):
         completed = st.fill == chunk
         if st.is_compileable:  # a static layer
             self._close_chunks_static(st, completed, x.dtype)
-        elif bool(completed.any()):
-            self._close_chunks(st, completed, x.dtype)
+        elif fill_bound is not None and fill_bound + 1 < chunk:  # no row can have completed a chunk: no host sync
+            st.fill_bound = fill_bound + 1
+        else:  # a chunk may have completed: one host synchronisation (once per chunk_size steps when all are real)
+            closing, needed, fill_max = torch.stack((completed.any().long(), (st.chunks + completed.long()).max(),
+                                                     torch.where(completed, 0, st.fill).max())).tolist()
+            if closing:
+                self._close_chunks(st, completed, x.dtype, needed)
+            st.fill_bound = fill_max
         return out, weights
 
     def _retrieval_state(self, f_store, z_store, h_store, meta_r, chunks):
@@ -394,11 +401,10 @@ class BSBRAttention(GPT2SkeletonAttention):
             s_new, u_new = (refresh if bool(completed.any()) else unchanged)(*operands)
         self._open_next_chunk(st, completed, s_new, u_new, chunks)
 
-    def _close_chunks(self, st, completed, dtype):
-        """Store the state of every row's just-completed chunk and refresh the retrieval state for its next chunk."""
-        b = completed.shape[0]
+    def _close_chunks(self, st, completed, dtype, needed):
+        """Store the state of every row's just-completed chunk and refresh the retrieval state for its next chunk;
+        `needed`: the most chunks a row holds after this step (the stores grow to it)."""
         capacity = st.f_store.shape[2]
-        needed = int((st.chunks + completed.long()).max())
         if needed > capacity:
             grow = needed - capacity
             st.f_store = F.pad(st.f_store, (0, 0, 0, 0, 0, grow))

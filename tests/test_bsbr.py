@@ -1,6 +1,7 @@
 """GPT2-BSBR: parity with GPT-2, causality, padding, chunk retrieval and its cache, errors, training (what every
 architecture must do, cache == no cache and save/export/remote code among it, is in test_contract.py)."""
 
+import contextlib
 import copy
 import functools
 import json
@@ -176,6 +177,48 @@ def test_generate_gives_each_row_what_it_gets_alone(base4):
             first = int(mask[row].argmax())
             alone = model.generate(input_ids=ids[row : row + 1, first:], do_sample=False, **kwargs)
             assert torch.equal(greedy[row, first:], alone[0])
+
+
+@contextlib.contextmanager
+def host_reads(log):
+    """Appends to `log` every read of a tensor's value by the host (what synchronises with a GPU) inside the block."""
+    names = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            log.append(name)
+            return saved[name](self, *args, **kwargs)
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_decode_step_reads_nothing_on_the_host_except_where_a_chunk_completes(base4):
+    """A dynamic-cache decode step reads a tensor on the host (a GPU sync) only at a step where some row completes a
+    chunk, once per layer; the other steps run without any."""
+    model = trained(base4)
+    ids, mask, _ = padded_batch(CHUNK + 4, pads=(0, 5))  # rows of 12 and 7 real tokens: different chunk phases
+    fill = mask.sum(1) % CHUNK
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(3 * CHUNK):
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            reads = []
+            with host_reads(reads):
+                out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            fill = (fill + 1) % CHUNK
+            completes = bool((fill == 0).any())
+            assert len(reads) == (model.config.n_layer if completes else 0), (step, reads)
 
 
 def test_cache_grows_by_one_state_per_completed_chunk(base4):
