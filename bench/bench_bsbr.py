@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,10 +43,26 @@ def cache_bytes(cache):
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)  # GPT-2's DynamicCache
 
 
+def host_syncs(fn, device):
+    """CUDA: the synchronising calls fn() makes, counted by torch.cuda.set_sync_debug_mode("warn") (one warning per
+    call); None on other devices."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 @torch.no_grad()
 def decode_time_per_token(model, ids, steps, rounds, device):
-    """Prefill `ids`, then a warm-up round and `rounds` timed rounds of `steps` greedy single-token steps through the cache.
-    Returns (seconds per token of the best round, cache bytes after the prefill)."""
+    """Prefill `ids`, then a warm-up round and `rounds` timed rounds of `steps` greedy single-token steps through the cache,
+    then one more round counting host synchronisations. Returns (seconds per token of the best round, cache bytes
+    after the prefill, host synchronisations per token or None off CUDA)."""
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     cache = cache_of(out)
     size = cache_bytes(cache)
@@ -57,7 +74,22 @@ def decode_time_per_token(model, ids, steps, rounds, device):
             out = model(input_ids=token, use_cache=True, **cache_kwargs(cache))
             token = out.logits[:, -1:].argmax(-1)
 
-    return timed(one_round, device, rounds) / steps, size
+    per_token = timed(one_round, device, rounds) / steps
+    syncs = host_syncs(one_round, device)
+    return per_token, size, None if syncs is None else syncs / steps, one_round
+
+
+def profile_table(fn, device, rows=25):
+    """torch.profiler's table of fn()'s operators, by self time on the device (CUDA) or the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
 def build_models(args, device, work_dir):
@@ -95,12 +127,21 @@ def run(args):
         ids = torch.randint(0, args.vocab_size, (1, n), generator=generator).to(device)
         row = {"n": n}
         for name, model in models.items():
-            forward = lambda: model.transformer(input_ids=ids, use_cache=False)  # noqa: E731
-            row[f"{name}_forward_s"] = timed(forward, device, args.repeats)
-            _, row[f"{name}_peak_mb"] = peak_memory_mb(forward, device)
-            per_token, size = decode_time_per_token(model, ids, args.decode_steps, args.repeats, device)
+            if not args.decode_only:
+                forward = lambda: model.transformer(input_ids=ids, use_cache=False)  # noqa: E731
+                row[f"{name}_forward_s"] = timed(forward, device, args.repeats)
+                _, row[f"{name}_peak_mb"] = peak_memory_mb(forward, device)
+            per_token, size, syncs, one_round = decode_time_per_token(model, ids, args.decode_steps, args.repeats,
+                                                                      device)
+            if args.profile and n == args.lengths[0]:  # one round of decoding steps at the first length
+                args.output_dir.mkdir(parents=True, exist_ok=True)
+                table = profile_table(one_round, device)
+                (args.output_dir / f"decode_profile_{name}.txt").write_text(table, encoding="utf-8")
+                print(f"decoding profile of {name} at n={n} ({args.decode_steps} steps):\n{table}")
             row[f"{name}_decode_ms"], row[f"{name}_cache_mb"] = 1e3 * per_token, size / 2**20
-        for key in ("forward_s", "peak_mb", "decode_ms", "cache_mb"):
+            if syncs is not None:
+                row[f"{name}_decode_syncs_per_token"] = syncs
+        for key in ("decode_ms", "cache_mb") if args.decode_only else ("forward_s", "peak_mb", "decode_ms", "cache_mb"):
             row[f"ratio_{key}"] = row[f"bsbr_{key}"] / row[f"gpt2_sdpa_{key}"]
         logger.info("n=%d: %s", n, {k: round(v, 4) for k, v in row.items() if k != "n"})
         results["runs"].append(row)
@@ -110,14 +151,16 @@ def run(args):
 
 def check_targets(runs):
     last, first = runs[-1], runs[0]
-    measured = {
-        "forward_time": last["ratio_forward_s"],
-        "peak_memory": last["ratio_peak_mb"],
-        "cache_size": last["ratio_cache_mb"],
-        "decode_flatness": last["bsbr_decode_ms"] / first["bsbr_decode_ms"],
-    }
+    measured = {"forward_time": last.get("ratio_forward_s"), "peak_memory": last.get("ratio_peak_mb"),
+                "cache_size": last["ratio_cache_mb"], "decode_flatness": last["bsbr_decode_ms"] / first["bsbr_decode_ms"]}
     return {key: {"measured": value, "target": TARGETS[key], "met": value <= TARGETS[key], "at_n": last["n"]}
-            for key, value in measured.items()}
+            for key, value in measured.items() if value is not None}
+
+
+# (key, title, format) of each figure a run may hold (--decode-only leaves out the forward's; syncs: CUDA only)
+FIGURES = (("forward_s", "forward time (s)", ".4f"), ("peak_mb", "forward peak memory (MiB)", ".1f"),
+           ("decode_ms", "decoding time per token (ms)", ".2f"), ("cache_mb", "generation cache (MiB)", ".1f"),
+           ("decode_syncs_per_token", "host synchronisations per decoded token", ".3f"))
 
 
 def report(results, output_dir):
@@ -130,15 +173,14 @@ def report(results, output_dir):
     (output_dir / "bsbr_bench.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     runs = results["runs"]
     ns = [r["n"] for r in runs]
-    panels = [("forward_s", "forward time (s)"), ("peak_mb", "forward peak memory (MiB)"),
-              ("decode_ms", "decoding time per token (ms)"), ("cache_mb", "generation cache (MiB)")]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for ax, (key, title) in zip(axes, panels):
+    figures = [f for f in FIGURES if f"bsbr_{f[0]}" in runs[0]]
+    fig, axes = plt.subplots(1, len(figures), figsize=(4.5 * len(figures), 4))
+    for ax, (key, title, _) in zip(axes, figures):
         for name, label in (("gpt2_sdpa", "GPT-2 (SDPA)"), ("bsbr", "GPT2-BSBR")):
             ax.plot(ns, [r[f"{name}_{key}"] for r in runs], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length n")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"GPT2-BSBR vs GPT-2 on {results['device_name']}")
@@ -148,13 +190,13 @@ def report(results, output_dir):
     config = results["config"]
     print(f"device: {results['device_name']}; {config['n_layer']} layers x {config['n_embd']} wide x "
           f"{config['n_head']} heads, vocab {config['vocab_size']}, chunk {config['chunk_size']}, {config['dtype']}")
-    print("     n | forward s GPT-2 / BSBR (ratio) | peak MiB GPT-2 / BSBR (ratio) | decode ms/token GPT-2 / BSBR | "
-          "cache MiB GPT-2 / BSBR")
+    print("     n | " + " | ".join(f"{title}: GPT-2 / BSBR (ratio)" for _, title, _ in figures))
     for r in runs:
-        print(f"{r['n']:>6} | {r['gpt2_sdpa_forward_s']:.4f} / {r['bsbr_forward_s']:.4f} ({r['ratio_forward_s']:.2f}) | "
-              f"{r['gpt2_sdpa_peak_mb']:.1f} / {r['bsbr_peak_mb']:.1f} ({r['ratio_peak_mb']:.2f}) | "
-              f"{r['gpt2_sdpa_decode_ms']:.2f} / {r['bsbr_decode_ms']:.2f} | "
-              f"{r['gpt2_sdpa_cache_mb']:.1f} / {r['bsbr_cache_mb']:.2f}")
+        cells = []
+        for key, _, fmt in figures:
+            ratio = f" ({r[f'ratio_{key}']:.2f})" if f"ratio_{key}" in r else ""
+            cells.append(f"{r[f'gpt2_sdpa_{key}']:{fmt}} / {r[f'bsbr_{key}']:{fmt}}{ratio}")
+        print(f"{r['n']:>6} | " + " | ".join(cells))
     for key, t in results["targets"].items():
         print(f"target {key}: {t['measured']:.3f} (<= {t['target']}) at n={t['at_n']}: {'met' if t['met'] else 'NOT met'}")
     print(f"wrote {output_dir / 'bsbr_bench.json'} and {output_dir / 'bsbr_bench.png'}")
@@ -177,6 +219,10 @@ def main(argv=None):
                         "50257, chunk 128); replaces --n-layer, --n-embd, --n-head, --vocab-size and --chunk-size")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype both models are loaded in")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="measure decoding (time, cache size, host synchronisations) only, not the forward")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write torch.profiler's table of one decoding round per model at the first length")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: lengths 256 and 512, 4 decoding steps, 1 repeat (checks it runs, not speed)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

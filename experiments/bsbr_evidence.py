@@ -132,10 +132,10 @@ def position_losses(model, docs, seq_len, eos, batch_size=8):
         sequence = torch.cat([doc.new_tensor([eos]), doc])
         windows = torch.stack([sequence[s : s + seq_len + 1] for s in range(0, doc.numel() - seq_len + 1, seq_len)])
         losses = []
-        for batch in windows.split(batch_size):
+        for batch in windows.to(model.device).split(batch_size):
             logits = model(input_ids=batch[:, :-1], use_cache=False).logits.float()
             losses.append(F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none"))
-        rows.append(torch.cat(losses).double().mean(0))
+        rows.append(torch.cat(losses).double().mean(0).cpu())
     return torch.stack(rows)
 
 
@@ -192,7 +192,8 @@ def run_lm(args):
     eos, spans = tokenizer.eos_token_id, buckets(args.seq_len, args.chunk_size)
     from transformers import GPT2LMHeadModel
 
-    base_losses = position_losses(GPT2LMHeadModel.from_pretrained(base), docs, args.seq_len, eos)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where Trainer puts the models it trains
+    base_losses = position_losses(GPT2LMHeadModel.from_pretrained(base).to(device), docs, args.seq_len, eos)
     generator = torch.Generator().manual_seed(0)
     per_seed, pooled, histories, seconds = {}, {name: [] for name in MODELS}, {}, {}
     for seed in args.seeds:

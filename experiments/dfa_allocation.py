@@ -74,7 +74,7 @@ def fine_tune_plain(base, text_file, output_dir, train_args):
                           optimizers=(make_optimizer(model, train_args.learning_rate, {}, weight_decay=0.0), None))
         trainer.train()
     model.save_pretrained(output_dir)
-    return model.eval()
+    return model.cpu().eval()  # scored where the DFA model is loaded (load_model_and_tokenizer: the CPU)
 
 
 @torch.no_grad()

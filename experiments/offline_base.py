@@ -18,9 +18,12 @@ corpus manifest, its training curve (JSON + PNG) and held-out loss; a second run
     python experiments/offline_base.py                  # builds (or reuses) the default base; progress on stderr
     python experiments/offline_base.py --steps 20 --n-layer 2 --n-embd 64 --seq-len 64   # a quick smoke build
 
-Cost: one step of the default (8 windows x 256 tokens) takes about 5 s on this project's 2 CPU cores when the
-machine is otherwise idle (20 s loaded), so the default 4,000 steps are hours on a CPU and minutes on one GPU (the
-script uses CUDA when it is there).
+The corpus is the running Python's: another Python release gives other documents, another digest and so another
+cached base (the JSON records the Python and torch versions that built it).
+
+Cost: one step of 8 windows x 256 tokens took about 5 s on this project's 2 CPU cores when the machine was otherwise
+idle (20 s loaded); the default's 4 x 1024 is more, so the default 4,000 steps are hours on a CPU and minutes on one
+GPU (the script uses CUDA when it is there).
 """
 
 import argparse
@@ -28,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import sysconfig
 import tempfile
 import time
@@ -39,7 +43,9 @@ from tqdm.auto import tqdm
 HELD_OUT_PERCENT = 5
 SKIPPED_STDLIB_PARTS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages", "dist-packages"}
 LICENSES = Path("/usr/share/common-licenses")
-DEFAULTS = dict(n_layer=6, n_embd=256, n_head=4, n_positions=1024, steps=4000, seq_len=256, batch_size=8,
+# Trained on windows as long as its position table (1024), so that experiments at 256-1024 tokens read positions the
+# base has learned; 4 windows a step, so 4,000 steps see 16M tokens (about 3 passes over the corpus).
+DEFAULTS = dict(n_layer=6, n_embd=256, n_head=4, n_positions=1024, steps=4000, seq_len=1024, batch_size=4,
                 learning_rate=1e-3, seed=0)
 
 
@@ -153,6 +159,7 @@ def build(folder, settings, tokens, manifest):
     model.to("cpu").save_pretrained(staging)
     manifest["tokenizer"].save_pretrained(staging)
     record = {"settings": settings, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "python": platform.python_version(), "torch": torch.__version__,
               "training_seconds": round(seconds, 1), "history": history,
               "final_held_out_loss": history["held_out"][-1]["loss"],
               "final_held_out_perplexity": math.exp(history["held_out"][-1]["loss"]),
