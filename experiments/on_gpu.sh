@@ -13,14 +13,16 @@
 # Run from the repository root, in a Python environment where graftlm and its test extras are installed and torch
 # sees the GPU:
 #   bash experiments/on_gpu.sh            # or: PARTS="decode base bsbr_lm" TOTAL_S=300 bash experiments/on_gpu.sh
-# SMOKE=1 runs every part at toy sizes (a CPU check that the script runs; its numbers mean nothing).
+# SMOKE=1 runs every part at toy sizes (a CPU check that the script runs; its numbers mean nothing). PYTHON names the
+# interpreter (default: python).
 set -u
+PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 OUT_DIR="${OUT:-bench/results/on_gpu}"
 PARTS="${PARTS:-decode base bsbr_lm dfa_allocation bridge_ablation}"
 END=$((SECONDS + ${TOTAL_S:-570}))
 mkdir -p "$OUT_DIR"
-python -c "import torch, transformers, graftlm; print('torch', torch.__version__, 'transformers', transformers.__version__,
+"$PY" -c "import torch, transformers, graftlm; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'graftlm', graftlm.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
 
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -51,16 +53,16 @@ run() {  # run NAME SECONDS COMMAND...: at most SECONDS (and what is left of TOT
     [ "$rc" -eq 0 ] || status=1
 }
 
-run decode 150 python bench/bench_bsbr.py "${DECODE[@]}" --decode-only --profile --output-dir "$OUT_DIR/decode"
+run decode 150 "$PY" bench/bench_bsbr.py "${DECODE[@]}" --decode-only --profile --output-dir "$OUT_DIR/decode"
 if [ -n "${OLD_GRAFTLM:-}" ]; then
-    run decode_old 60 env PYTHONPATH="$OLD_GRAFTLM${PYTHONPATH:+:$PYTHONPATH}" python bench/bench_bsbr.py \
+    run decode_old 60 env PYTHONPATH="$OLD_GRAFTLM${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/bench_bsbr.py \
         "${DECODE[@]}" --lengths "${DECODE_OLD_LENGTH:-1024}" --decode-only --output-dir "$OUT_DIR/decode_old"
 fi
-run base 240 python experiments/offline_base.py "${BASE[@]}"
-run bsbr_lm 300 python experiments/bsbr_evidence.py --parts lm "${ON_BASE[@]}" "${BSBR[@]}" \
+run base 240 "$PY" experiments/offline_base.py "${BASE[@]}"
+run bsbr_lm 300 "$PY" experiments/bsbr_evidence.py --parts lm "${ON_BASE[@]}" "${BSBR[@]}" \
     --output-dir "$OUT_DIR/bsbr_evidence"
-run dfa_allocation 240 python experiments/dfa_allocation.py "${ON_BASE[@]}" "${DFA[@]}" \
+run dfa_allocation 240 "$PY" experiments/dfa_allocation.py "${ON_BASE[@]}" "${DFA[@]}" \
     --output-dir "$OUT_DIR/dfa_allocation"
-run bridge_ablation 400 python experiments/bridge_ablation.py "${ON_BASE[@]}" "${BRIDGE[@]}" \
+run bridge_ablation 400 "$PY" experiments/bridge_ablation.py "${ON_BASE[@]}" "${BRIDGE[@]}" \
     --output-dir "$OUT_DIR/bridge_ablation"
 exit $status

@@ -7,8 +7,12 @@ target. The slowed model adds a fixed delay many times a tiny model's forward ti
 """
 
 import json
+import os
+import subprocess
+import sys
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +172,22 @@ def test_a_slowed_model_measures_as_slower():
         (training,) = bench_training(models, args, device, torch.Generator().manual_seed(0))
     assert decoding["ratio"] < 1 / 1.5 and decoding["verdict"] == "MISS", decoding
     assert training["time_ratio"] > 1.5, training
+
+
+def test_bsbr_decode_only_run_measures_decoding_and_profiles_it(tmp_path):
+    """bench/bench_bsbr.py --decode-only (what experiments/on_gpu.sh runs on a GPU): decoding figures only, the
+    cache's growth between the two lengths smaller for BSBR than for GPT-2, and a profile table per model."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_bsbr.py"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # what the script would re-execute itself with
+    subprocess.run([sys.executable, str(script), "--quick", "--chunk-size", "64", "--device", "cpu", "--threads", "1",
+                    "--decode-only", "--profile", "--output-dir", str(tmp_path)], check=True, env=env)
+    results = json.loads((tmp_path / "bsbr_bench.json").read_text(encoding="utf-8"))
+    short, long = results["runs"]
+    for row in (short, long):
+        assert not any("forward" in key or "peak" in key for key in row)
+        assert row["bsbr_decode_ms"] > 0 and row["gpt2_sdpa_decode_ms"] > 0
+        assert "bsbr_decode_syncs_per_token" not in row  # counted on CUDA only
+    assert long["bsbr_cache_mb"] - short["bsbr_cache_mb"] < long["gpt2_sdpa_cache_mb"] - short["gpt2_sdpa_cache_mb"]
+    assert set(results["targets"]) == {"cache_size", "decode_flatness"}
+    for name in ("gpt2_sdpa", "bsbr"):
+        assert "aten::" in (tmp_path / f"decode_profile_{name}.txt").read_text(encoding="utf-8")
