@@ -22,8 +22,8 @@ The corpus is the running Python's: another Python release gives other documents
 cached base (the JSON records the Python and torch versions that built it).
 
 Cost: one step of 8 windows x 256 tokens took about 5 s on this project's 2 CPU cores when the machine was otherwise
-idle (20 s loaded); the default's 4 x 1024 is more, so the default 4,000 steps are hours on a CPU and minutes on one
-GPU (the script uses CUDA when it is there).
+idle (20 s loaded); the default's 8 x 1024 is about 4x that, so the default 2,000 steps are hours on a CPU and
+minutes on one GPU (the script uses CUDA when it is there).
 """
 
 import argparse
@@ -44,8 +44,9 @@ HELD_OUT_PERCENT = 5
 SKIPPED_STDLIB_PARTS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages", "dist-packages"}
 LICENSES = Path("/usr/share/common-licenses")
 # Trained on windows as long as its position table (1024), so that experiments at 256-1024 tokens read positions the
-# base has learned; 4 windows a step, so 4,000 steps see 16M tokens (about 3 passes over the corpus).
-DEFAULTS = dict(n_layer=6, n_embd=256, n_head=4, n_positions=1024, steps=4000, seq_len=1024, batch_size=4,
+# base has learned: 2,000 steps of 8 x 1024 tokens, 16M tokens (about 3 passes over the corpus). The README's commands
+# name the settings they change and take the others from here: change a default and their base changes with it.
+DEFAULTS = dict(n_layer=6, n_embd=256, n_head=4, n_positions=1024, steps=2000, seq_len=1024, batch_size=8,
                 learning_rate=1e-3, seed=0)
 
 

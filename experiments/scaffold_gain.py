@@ -237,6 +237,9 @@ def run(args):
                       for arm in ("fuser-only", "scaffold-only")]
     table += [dict(row="pooled", arm=arm, **compare(arm, ref, args.seeds))
               for arm, ref in (("scaffolded", "base"), ("lora", "base"), ("scaffolded", "lora"))]
+    if len(args.ablation_seeds) > 1:  # each ablation against the scaffolded model of the same seeds
+        table += [dict(row="ablation, pooled", arm=arm, **compare(arm, "scaffolded", args.ablation_seeds))
+                  for arm in ("fuser-only", "scaffold-only")]
     table += [dict(row="sweep, pooled", arm=f"scaffolded@w={w:g}", **compare(f"scaffolded@w={w:g}", "base", args.seeds))
               for w in args.weights]
     results = {
@@ -268,7 +271,9 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    rows = [r for r in results["table"] if r["row"] in ("pooled", "ablation, 1 seed") and r["reference"] != "lora"]
+    pooled = any(r["row"] == "ablation, pooled" for r in results["table"])
+    shown = ("pooled", "ablation, pooled" if pooled else "ablation, 1 seed")
+    rows = [r for r in results["table"] if r["row"] in shown and r["reference"] != "lora"]
     names = ["base"] + [f"{r['arm']} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})" for r in rows]
     values = [results["base_perplexity"]] + [r["perplexity"] for r in rows]
     left.bar(range(len(values)), values, color=["grey"] + ["C0"] * len(rows))
