@@ -37,6 +37,12 @@ logger = logging.getLogger("bench_bsbr")
 TARGETS = {"forward_time": 0.5, "peak_memory": 1.1, "cache_size": 0.25, "decode_flatness": 1.2}
 
 
+# (key, title, format) of each figure a run may hold (--decode-only leaves out the forward's; syncs: CUDA only)
+FIGURES = (("forward_s", "forward time (s)", ".4f"), ("peak_mb", "forward peak memory (MiB)", ".1f"),
+           ("decode_ms", "decoding time per token (ms)", ".2f"), ("cache_mb", "generation cache (MiB)", ".1f"),
+           ("decode_syncs_per_token", "host synchronisations per decoded token", ".3f"))
+
+
 def cache_bytes(cache):
     if hasattr(cache, "nbytes"):  # BSBRCache
         return cache.nbytes()
@@ -141,7 +147,7 @@ def run(args):
             row[f"{name}_decode_ms"], row[f"{name}_cache_mb"] = 1e3 * per_token, size / 2**20
             if syncs is not None:
                 row[f"{name}_decode_syncs_per_token"] = syncs
-        for key in ("decode_ms", "cache_mb") if args.decode_only else ("forward_s", "peak_mb", "decode_ms", "cache_mb"):
+        for key in (k for k, _, _ in FIGURES if row.get(f"gpt2_sdpa_{k}")):  # measured (and not 0: no ratio of 0)
             row[f"ratio_{key}"] = row[f"bsbr_{key}"] / row[f"gpt2_sdpa_{key}"]
         logger.info("n=%d: %s", n, {k: round(v, 4) for k, v in row.items() if k != "n"})
         results["runs"].append(row)
@@ -155,12 +161,6 @@ def check_targets(runs):
                 "cache_size": last["ratio_cache_mb"], "decode_flatness": last["bsbr_decode_ms"] / first["bsbr_decode_ms"]}
     return {key: {"measured": value, "target": TARGETS[key], "met": value <= TARGETS[key], "at_n": last["n"]}
             for key, value in measured.items() if value is not None}
-
-
-# (key, title, format) of each figure a run may hold (--decode-only leaves out the forward's; syncs: CUDA only)
-FIGURES = (("forward_s", "forward time (s)", ".4f"), ("peak_mb", "forward peak memory (MiB)", ".1f"),
-           ("decode_ms", "decoding time per token (ms)", ".2f"), ("cache_mb", "generation cache (MiB)", ".1f"),
-           ("decode_syncs_per_token", "host synchronisations per decoded token", ".3f"))
 
 
 def report(results, output_dir):

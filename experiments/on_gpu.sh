@@ -5,7 +5,7 @@
 #      1k and 16k tokens: ms/token, host synchronisations per token (CUDA's sync debug mode) and a profile of one
 #      round (bench/bench_bsbr.py --decode-only --profile). With OLD_GRAFTLM=<folder holding another graftlm>, the
 #      same at 1k for that graftlm too (a before/after of a change).
-#   2. base: the default offline base (experiments/offline_base.py: 6 x 256, 4,000 steps of 4 x 1024 tokens).
+#   2. base: the default offline base (experiments/offline_base.py: 6 x 256, 2,000 steps of 8 x 1024 tokens).
 #   3. bsbr_lm: experiments/bsbr_evidence.py --parts lm with its defaults (1024-token windows, chunk 128, 300 steps,
 #      seeds 0 1 2) on that base.
 #   4. dfa_allocation: experiments/dfa_allocation.py with its defaults on that base.
