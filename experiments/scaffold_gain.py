@@ -145,6 +145,10 @@ def lora_rank_for(base, target):
 def train_scaffold_arm(base, layers, tokenizer, train_pairs, valid_pairs, options, arm, open_gate):
     from graftlm.training.scaffold import train
 
+    # The fusers' projections and the LoRA A matrices are drawn at conversion from the global RNG, which train() seeds
+    # only later: seed it here, or the arm depends on what ran before it in the process (earlier arms, --resume) and
+    # on torch's start seed, which differs from process to process.
+    torch.manual_seed(options.seed)
     model = convert(base, layers).add_lora()
     if arm == "fuser-only":
         for name, param in model.named_parameters():
