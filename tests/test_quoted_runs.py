@@ -14,7 +14,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import offline_base  # noqa: E402
 from dfa_allocation import base_setting  # noqa: E402
 
-QUOTED = sorted((ROOT / "bench" / "reported" / "experiments").glob("*.json"))
+QUOTED = {path.name: json.loads(path.read_text(encoding="utf-8"))
+          for path in sorted((ROOT / "bench" / "reported" / "experiments").glob("*.json"))}
+ON_BASE = sorted(name for name, run in QUOTED.items() if run.get("base"))  # the others start from no offline base
 
 
 def base_settings(command):
@@ -30,15 +32,12 @@ def base_settings(command):
 
 
 def test_there_are_quoted_runs_on_the_offline_base():
-    on_base = [p for p in QUOTED if json.loads(p.read_text(encoding="utf-8")).get("base")]
-    assert len(on_base) >= 6
+    assert len(ON_BASE) >= 6
 
 
-@pytest.mark.parametrize("path", QUOTED, ids=lambda p: p.name)
-def test_quoted_command_builds_the_base_the_run_used(path):
-    run = json.loads(path.read_text(encoding="utf-8"))
-    if not run.get("base"):
-        pytest.skip("this run starts from no offline base")
+@pytest.mark.parametrize("name", ON_BASE)
+def test_quoted_command_builds_the_base_the_run_used(name):
+    run = QUOTED[name]
     used = Path(run["base"]).name
     digest = used.rsplit("-corpus", 1)[1]  # the corpus is the running Python's: compared apart from the settings
     assert offline_base.settings_name(base_settings(run["command"]), digest) == used
