@@ -65,8 +65,7 @@ def train_arm(arm, base, data, folder, args, seed):
     """Convert (seeded init of the new modules) and train one arm; return the trained folder."""
     from graftlm.training import bridge as train_bridge
 
-    torch.manual_seed(seed)
-    graftlm("convert", "bridge", "--encoder", minilm_dir(), "--decoder", base, *ARMS[arm],
+    graftlm("convert", "bridge", "--encoder", minilm_dir(), "--decoder", base, *ARMS[arm], "--seed", seed,
             "--output-dir", folder / "converted", "--overwrite")
     load_bridge = train_bridge.load_bridge
     if arm == "linear+dropout":
@@ -151,8 +150,7 @@ def run(args):
     data.write_text("".join(json.dumps({"src": r["src"], "tgt": r["tgt"]}) + "\n" for r in train_rows),
                     encoding="utf-8")
 
-    torch.manual_seed(0)
-    graftlm("convert", "bridge", "--encoder", minilm_dir(), "--decoder", base, "--bridge", "linear",
+    graftlm("convert", "bridge", "--encoder", minilm_dir(), "--decoder", base, "--bridge", "linear", "--seed", 0,
             "--output-dir", out / "untrained", "--overwrite")
     untrained_nll, count, _ = document_nll(out / "untrained", test, documents, args.max_source_length)
     generator = torch.Generator().manual_seed(0)

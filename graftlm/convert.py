@@ -26,6 +26,10 @@ def converter(name):
 def add_arguments(parser, name):
     """The options of `graftlm convert <name>`: the converter's own, then the export's."""
     converter(name).add_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of torch's generator for the weights a conversion draws (Bridged's projection and "
+                             "cross-attention, Scaffolded's fusers; the others start at zero or as copies): the same "
+                             "seed writes the same weights in any process")
     group = parser.add_argument_group("export")
     group.add_argument("--output-dir", required=True, help="folder to write the Hub-ready export into")
     group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -38,10 +42,14 @@ def add_arguments(parser, name):
 
 
 def convert_and_export(args):
-    """Convert, write the card and export to args.output_dir (checked before anything is converted), upload with
-    --push-to-hub; returns (the export folder, the conversion's report)."""
+    """Convert with torch seeded by --seed, write the card and export to args.output_dir (checked before anything is
+    converted), upload with --push-to-hub; returns (the export folder, the conversion's report)."""
+    import torch
+
     check_output_args(args)
-    model, tokenizers, card_builder, report = converter(args.arch).convert_from_args(args)
+    with torch.random.fork_rng(devices=[]):  # seeded here only: the caller's generator is left as it was
+        torch.manual_seed(args.seed)
+        model, tokenizers, card_builder, report = converter(args.arch).convert_from_args(args)
     template, metadata, fields = card_builder(args.push_to_hub or str(args.output_dir))
     if args.license and args.license != metadata.get("license"):
         metadata = {key: value for key, value in metadata.items() if key not in ("license_name", "license_link")}

@@ -87,6 +87,28 @@ def test_convert_refuses_a_bert_checkpoint_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_seed_makes_the_drawn_weights_reproducible(tiny_gpt2_dir, tmp_path):
+    """Scaffolded's fusers are drawn at conversion: the same --seed writes the same weights whatever torch's generator
+    held before (torch seeds every new process differently), another seed writes other fusers and nothing else, and
+    the caller's generator is left as it was."""
+    import torch
+    from safetensors.torch import load_file
+
+    def export(seed, name):
+        torch.seed()  # a generator state of its own, as a new process would have
+        before = torch.get_rng_state()
+        folder = tmp_path / name
+        assert main(["convert", "scaffold", "--base", str(tiny_gpt2_dir), "--scaffold", str(tiny_gpt2_dir),
+                     "--cross-attn-layers", "0,1", "--output-dir", str(folder), "--seed", str(seed)]) == 0
+        assert torch.equal(torch.get_rng_state(), before)
+        return load_file(folder / "model.safetensors")
+
+    first, again, other = export(0, "a"), export(0, "b"), export(1, "c")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    drawn = {k for k in first if not torch.equal(first[k], other[k])}
+    assert drawn and all(k.startswith("fusers.") for k in drawn), sorted(drawn)
+
+
 def test_push_to_hub_failure_is_reported_and_the_export_is_complete(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
